@@ -1,0 +1,953 @@
+"""Brain MRI slices in, batches of float32 images out.
+
+This file has one job: turn a folder of 2D slices into a streaming tf.data
+pipeline the models can eat. It never holds the dataset in memory: the file
+list is shuffled, each file is decoded on demand in parallel, fitted to the
+model's square size and batched.
+
+Three sources, picked by `load_source`:
+
+  * "oasis"    the preprocessed OASIS-1 PNG slices (keras_png_slices_train /
+               _validate / _test, found however deeply the zip nested them).
+  * "folder"   any other folder of PNG/JPEG slices, split deterministically
+               (by subject when file names carry one, so no subject leaks).
+  * "phantoms" the embedded default: synthetic skull-stripped brain slices,
+               written once as PNGs in the OASIS layout under a cache folder,
+               so the real PNG path is what runs.
+
+Every file is checked by reading its header and chunk/marker structure (no
+full decode), so a bad file is reported by name before training starts.
+
+Run `python dataset.py --preview grid.png` to see what the model will see.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Quiet TensorFlow's C++ start-up chatter; a user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
+
+SPLITS = ("train", "validate", "test")
+OASIS_DIRS = {split: f"keras_png_slices_{split}" for split in SPLITS}
+DEFAULT_DATA = Path("data") / "keras_png_slices_data"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+FIT_MODES = ("pad", "stretch", "crop")
+# Folder names that mark a predefined split inside a generic folder.
+SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "validate": ("validate", "validation", "val", "valid"),
+    "test": ("test", "testing"),
+}
+OASIS_NAME = re.compile(r"case_(\d+)_slice_(\d+)", re.IGNORECASE)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # colour type -> decoded channels
+PHANTOM_VERSION = 1  # bump when the generator changes: cached sets are keyed by it
+
+
+class DataError(ValueError):
+    """A problem with the user's data, stated in one line with the fix."""
+
+
+# ---------------------------------------------------------------------------
+# Records: what a split is made of
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """The files of one split and what their names tell.
+
+    Attributes:
+        paths: image file paths, as strings.
+        subjects: subject id per file parsed from OASIS-style names, -1 if unknown.
+        slices: axial slice index per file (OASIS: 0-31), -1 if unknown.
+        labels: class index per file (class sub-folders), -1 if none.
+    """
+
+    paths: list
+    subjects: np.ndarray
+    slices: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self):
+        return len(self.paths)
+
+    def take(self, index):
+        """Returns the split restricted to `index` (an array of positions)."""
+        index = np.asarray(index, dtype=np.int64)
+        return Split(
+            [self.paths[i] for i in index],
+            self.subjects[index],
+            self.slices[index],
+            self.labels[index],
+        )
+
+
+@dataclass
+class DataSource:
+    """A resolved dataset: where it came from and its three splits."""
+
+    kind: str
+    root: Path
+    splits: dict
+    class_names: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def counts(self):
+        return {name: len(split) for name, split in self.splits.items()}
+
+    def summary(self):
+        """A JSON-ready description (the `--json` keys of dataset.py)."""
+        out = {"source": self.kind, "root": str(self.root), **self.counts()}
+        out["subjects"] = {
+            name: int(len(np.unique(s.subjects[s.subjects >= 0])))
+            for name, s in self.splits.items()
+        }
+        out["classes"] = list(self.class_names)
+        out["notes"] = list(self.notes)
+        return out
+
+
+def parse_name(name):
+    """Subject id and slice index from an OASIS-style file name.
+
+    Args:
+        name: a file name such as `case_441_slice_7.nii.png`.
+
+    Returns:
+        `(subject, slice)` as ints; `(-1, -1)` when the name carries neither.
+
+    Example:
+    >>> parse_name("case_441_slice_7.nii.png")
+    (441, 7)
+    """
+    match = OASIS_NAME.search(Path(name).name)
+    if match is None:
+        return -1, -1
+    return int(match.group(1)), int(match.group(2))
+
+
+def make_split(paths, labels=None):
+    """A `Split` from file paths (sorted), parsing subject and slice from names."""
+    order = np.argsort([str(p) for p in paths], kind="stable")
+    paths = [str(paths[i]) for i in order]
+    parsed = np.array([parse_name(p) for p in paths], dtype=np.int32).reshape(-1, 2)
+    if labels is None:
+        labels = np.full(len(paths), -1, dtype=np.int32)
+    else:
+        labels = np.asarray(labels, dtype=np.int32)[order]
+    return Split(paths, parsed[:, 0].copy(), parsed[:, 1].copy(), labels)
+
+
+# ---------------------------------------------------------------------------
+# Finding the files
+# ---------------------------------------------------------------------------
+
+
+def _skip_dir(name):
+    # Segmentation masks, macOS zip debris and hidden folders are never slices.
+    return "_seg_" in name or name == "__MACOSX" or name.startswith(".")
+
+
+def list_images(folder):
+    """All PNG/JPEG files under `folder`, recursively, sorted.
+
+    Segmentation-mask folders (`*_seg_*`), `__MACOSX` and hidden files
+    (including macOS `._name.png` resource forks) are ignored.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _skip_dir(d))
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(dirpath, name))
+    return sorted(found)
+
+
+def find_oasis_layout(root, max_depth=5):
+    """Locates the three OASIS split folders under `root`.
+
+    The zip is often nested (`keras_png_slices_data/keras_png_slices_data/...`);
+    the shallowest complete set wins. Mask folders (`*_seg_*`) are ignored.
+
+    Args:
+        root: folder to search.
+        max_depth: how many folder levels to descend.
+
+    Returns:
+        A dict split -> Path, or None when no split folder exists at all.
+
+    Raises:
+        DataError: when only some of the three split folders exist.
+    """
+    root = Path(root)
+    wanted = {v: k for k, v in OASIS_DIRS.items()}
+    found = {}
+    base_depth = len(root.parts)
+    for dirpath, dirnames, _ in os.walk(root):
+        depth = len(Path(dirpath).parts) - base_depth
+        dirnames[:] = sorted(d for d in dirnames if not _skip_dir(d))
+        for name in dirnames:
+            if name in wanted and wanted[name] not in found:
+                found[wanted[name]] = Path(dirpath) / name
+        if depth >= max_depth:
+            dirnames[:] = []
+        else:  # do not descend into the split folders themselves
+            dirnames[:] = [d for d in dirnames if d not in wanted]
+    if not found:
+        return None
+    missing = [OASIS_DIRS[s] for s in SPLITS if s not in found]
+    if missing:
+        have = ", ".join(str(found[s]) for s in SPLITS if s in found)
+        raise DataError(
+            f"incomplete OASIS layout under {root}: found {have} but not "
+            f"{', '.join(missing)}. Extract the whole keras_png_slices_data zip there."
+        )
+    return found
+
+
+def _match_split_dirs(root):
+    """Predefined split sub-folders (train/val/test...) of a generic folder."""
+    subdirs = {p.name.lower(): p for p in Path(root).iterdir() if p.is_dir()}
+    found = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            if alias in subdirs:
+                found[split] = subdirs[alias]
+                break
+    return found if "train" in found and "test" in found else {}
+
+
+def _class_of(path, root):
+    """Class name of a file: its first folder below `root`, '' if at the top."""
+    parts = Path(path).relative_to(root).parts
+    return parts[0] if len(parts) > 1 else ""
+
+
+def split_files(paths, *, root, seed=0, fractions=(0.8, 0.1, 0.1), class_names=None):
+    """Deterministic train/validate/test split of a flat list of files.
+
+    Files are grouped by subject when their names carry one (OASIS
+    `case_441_slice_7`), so all slices of a subject land in one split; other
+    files are their own group. Groups are shuffled with `seed` within each
+    class folder (stratified), then cut by the fractions.
+
+    Args:
+        paths: image file paths.
+        root: the folder the class sub-folders are relative to.
+        seed: seed of the shuffle; the same seed gives the same split.
+        fractions: train, validate, test shares (must sum to 1).
+        class_names: class folder names to label with; None derives them.
+
+    Returns:
+        `(splits, class_names)`: a dict split -> `Split`, and the sorted classes.
+    """
+    if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
+        raise DataError(f"split fractions must be >= 0 and sum to 1. Received: fractions={fractions}")
+    classes = [_class_of(p, root) for p in paths]
+    if class_names is None:
+        class_names = sorted(set(classes)) if len(set(classes)) > 1 else []
+    label_of = {name: i for i, name in enumerate(class_names)}
+    assigned = {split: [] for split in SPLITS}
+    rng = np.random.default_rng(seed)
+    for cls in sorted(set(classes)):
+        members = [p for p, c in zip(paths, classes) if c == cls]
+        groups = {}
+        for p in members:
+            subject, _ = parse_name(p)
+            groups.setdefault(subject if subject >= 0 else p, []).append(p)
+        keys = sorted(groups, key=str)
+        keys = [keys[i] for i in rng.permutation(len(keys))]
+        n = len(keys)
+        n_test = int(round(n * fractions[2]))
+        n_val = int(round(n * fractions[1]))
+        if n >= 3:  # every split gets something when there is enough to go round
+            n_test, n_val = max(n_test, int(fractions[2] > 0)), max(n_val, int(fractions[1] > 0))
+        cut = {"test": keys[:n_test], "validate": keys[n_test:n_test + n_val],
+               "train": keys[n_test + n_val:]}
+        for split, split_keys in cut.items():
+            for key in split_keys:
+                assigned[split].extend(groups[key])
+    splits = {}
+    for split in SPLITS:
+        files = assigned[split]
+        labels = [label_of.get(_class_of(p, root), -1) for p in files]
+        splits[split] = make_split(files, labels)
+    return splits, class_names
+
+
+# ---------------------------------------------------------------------------
+# Checking the files without decoding them
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+
+
+def _png_info(path, f, size):
+    f.seek(0)
+    header = f.read(33)
+    if len(header) < 33 or header[12:16] != b"IHDR":
+        raise DataError(f"truncated PNG: {path} ends inside its header. Re-extract or delete the file.")
+    width, height, depth, colour = struct.unpack(">IIBB", header[16:26])
+    if colour not in PNG_CHANNELS:
+        raise DataError(f"corrupt PNG: {path} has an invalid colour type {colour}. Re-export the file.")
+    # Walk the chunk list by seeking over each chunk: a truncated file ends
+    # before IEND. This reads a few bytes per chunk, never the pixel data.
+    offset, seen_idat = 33, False
+    while True:
+        if offset + 12 > size:
+            raise DataError(f"truncated PNG: {path} ends before its IEND chunk. Re-extract or delete the file.")
+        f.seek(offset)
+        length, kind = struct.unpack(">I4s", f.read(8))
+        if kind == b"IEND":
+            break
+        seen_idat |= kind == b"IDAT"
+        offset += 12 + length
+    if not seen_idat:
+        raise DataError(f"corrupt PNG: {path} has no image data (IDAT). Re-export the file.")
+    return ImageInfo("png", width, height, PNG_CHANNELS[colour], depth)
+
+
+def _jpeg_info(path, f, size):
+    f.seek(2)
+    info = None
+    while info is None:
+        marker = f.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            raise DataError(f"corrupt JPEG: {path} has a broken marker structure. Re-export the file.")
+        kind = marker[1]
+        if kind == 0xFF:  # fill byte
+            f.seek(-1, os.SEEK_CUR)
+            continue
+        if 0xD0 <= kind <= 0xD9 or kind == 0x01:  # markers without a length
+            continue
+        raw = f.read(2)
+        if len(raw) < 2:
+            break
+        (length,) = struct.unpack(">H", raw)
+        if kind in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            depth, height, width, channels = struct.unpack(">BHHB", f.read(6))
+            info = ImageInfo("jpeg", width, height, channels, depth)
+        elif kind == 0xDA:  # start of scan before any frame header
+            break
+        else:
+            f.seek(length - 2, os.SEEK_CUR)
+    if info is None:
+        raise DataError(f"corrupt JPEG: {path} has no frame header. Re-export the file.")
+    if info.bit_depth != 8:
+        raise DataError(f"unsupported JPEG: {path} is {info.bit_depth}-bit; convert it to 8-bit or PNG.")
+    f.seek(max(0, size - 64))
+    if b"\xff\xd9" not in f.read():
+        raise DataError(f"truncated JPEG: {path} has no end-of-image marker. Re-extract or delete the file.")
+    return info
+
+
+def inspect_image(path):
+    """Format, size, channels and bit depth of an image, from its structure.
+
+    Reads the header and walks the PNG chunks / JPEG markers without decoding
+    pixels, which catches empty, non-image, truncated and malformed files.
+
+    Args:
+        path: path to a PNG or JPEG file.
+
+    Returns:
+        An `ImageInfo`.
+
+    Raises:
+        DataError: with one line naming the file and the fix.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataError(f"empty file: {path} has 0 bytes. Re-extract it or delete it.")
+    with open(path, "rb") as f:
+        magic = f.read(8)
+        if magic == PNG_SIGNATURE:
+            info = _png_info(path, f, size)
+        elif magic[:3] == b"\xff\xd8\xff":
+            info = _jpeg_info(path, f, size)
+        else:
+            raise DataError(
+                f"not an image: {path} is neither PNG nor JPEG (starts with {magic[:8]!r}). "
+                "Delete it or convert it to PNG."
+            )
+    if info.width == 0 or info.height == 0:
+        raise DataError(f"corrupt image: {path} claims a size of {info.width}x{info.height}. Re-export it.")
+    return info
+
+
+def check_split(name, split, *, on_bad="error", warn=None):
+    """Checks every file of a split; returns the good part and notes.
+
+    Args:
+        name: the split's name, for messages.
+        split: a `Split`.
+        on_bad: "error" raises on the first bad file; "skip" leaves bad
+            files out, warning about each by name.
+        warn: callable taking a message (default: print to stderr).
+
+    Returns:
+        `(split, notes)`: the split without bad files, and one-line notes
+        about conversions that will happen (RGB to grayscale, 16-bit, sizes).
+    """
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip'. Received: on_bad={on_bad!r}")
+    keep, infos = [], []
+    for i, path in enumerate(split.paths):
+        try:
+            infos.append(inspect_image(path))
+            keep.append(i)
+        except DataError as err:
+            if on_bad == "error":
+                raise DataError(f"{err} (or pass --skip-bad to leave bad files out)") from None
+            warn(f"skipped {err}")
+        except OSError as err:
+            if on_bad == "error":
+                raise DataError(f"unreadable file: {path} ({err.strerror}). Check its permissions.") from None
+            warn(f"skipped unreadable file: {path} ({err.strerror})")
+    notes = []
+    colour = sum(info.channels >= 2 for info in infos)
+    if colour:
+        notes.append(f"{name}: {colour} colour/alpha images converted to grayscale")
+    deep = sum(info.bit_depth == 16 for info in infos)
+    if deep:
+        notes.append(f"{name}: {deep} 16-bit PNGs read at full precision")
+    sizes = sorted({(info.width, info.height) for info in infos})
+    if len(sizes) > 1:
+        notes.append(f"{name}: {len(sizes)} different image sizes, each fitted to the model size")
+    return split.take(keep), notes
+
+
+# ---------------------------------------------------------------------------
+# Resolving what to load
+# ---------------------------------------------------------------------------
+
+
+def default_cache_dir():
+    """Where generated data live: $BRAIN_VQVAE_CACHE, else the XDG cache folder."""
+    if os.environ.get("BRAIN_VQVAE_CACHE"):
+        return Path(os.environ["BRAIN_VQVAE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "brain-vqvae"
+
+
+def locate_default_data():
+    """`data/keras_png_slices_data` next to the working directory or this file, if present."""
+    for base in (Path.cwd(), Path(__file__).resolve().parent):
+        candidate = base / DEFAULT_DATA
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
+                cache_dir=None, phantom_subjects=None, warn=None):
+    """Resolves a data path into a checked `DataSource`.
+
+    Args:
+        data: folder of OASIS splits or of any 2D slices; None looks for
+            `data/keras_png_slices_data` and else uses the synthetic phantoms.
+        seed: seed of the split for generic folders.
+        fractions: train/validate/test shares for generic folders.
+        on_bad: "error" or "skip" (see `check_split`).
+        cache_dir: where phantoms are written (default `default_cache_dir()`).
+        phantom_subjects: (train, validate, test) subject counts for phantoms.
+        warn: callable taking a warning message.
+
+    Returns:
+        A `DataSource` whose splits hold only files that passed the checks.
+
+    Raises:
+        DataError: missing folder, empty split, bad file (one line, with the fix).
+    """
+    notes = []
+    if data is None:
+        data = locate_default_data()
+        if data is None:
+            subjects = phantom_subjects or PHANTOM_SUBJECTS
+            data = ensure_phantoms(cache_dir or default_cache_dir(), subjects=subjects)
+            kind = "phantoms"
+            notes.append("no --data given and no data/keras_png_slices_data found: "
+                         "using the synthetic brain phantoms")
+        else:
+            kind = None
+    else:
+        kind = None
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"data folder not found: {root}. Pass --data with the folder that holds "
+            "keras_png_slices_train/ (or any folder of PNG/JPEG slices)."
+        )
+    if not root.is_dir():
+        raise DataError(f"--data must be a folder, not a file: {root}. Pass the folder that holds the slices.")
+
+    class_names = []
+    layout = find_oasis_layout(root)
+    if layout is not None:
+        kind = kind or "oasis"
+        splits = {split: make_split(list_images(layout[split])) for split in SPLITS}
+        for split, folder in layout.items():
+            if not len(splits[split]):
+                raise DataError(
+                    f"empty split: {folder} holds no .png/.jpg files. "
+                    "Re-extract the OASIS zip, or pass a folder of slices to --data to split it automatically."
+                )
+    else:
+        kind = "folder"
+        predefined = _match_split_dirs(root)
+        if predefined:
+            files = {s: list_images(d) for s, d in predefined.items()}
+            class_roots = {s: predefined[s] for s in predefined}
+            all_classes = sorted({_class_of(p, class_roots[s]) for s in files for p in files[s]})
+            class_names = all_classes if len(all_classes) > 1 else []
+            splits = {}
+            for s, paths in files.items():
+                labels = [class_names.index(_class_of(p, class_roots[s])) if class_names else -1 for p in paths]
+                splits[s] = make_split(paths, labels)
+            if "validate" not in splits:  # carve validation out of train
+                share = fractions[1] / (fractions[0] + fractions[1])
+                carved, _ = split_files(splits["train"].paths, root=class_roots["train"], seed=seed,
+                                        fractions=(1 - share, share, 0.0), class_names=class_names)
+                splits["train"], splits["validate"] = carved["train"], carved["validate"]
+            notes.append("used the folder's own " + "/".join(d.name for d in predefined.values())
+                         + " split")
+        else:
+            paths = list_images(root)
+            if not paths:
+                raise DataError(
+                    f"no images found: {root} holds no .png/.jpg/.jpeg files (searched recursively). "
+                    "Point --data at the folder with the slices."
+                )
+            splits, class_names = split_files(paths, root=root, seed=seed, fractions=fractions)
+            has_subjects = any((s.subjects >= 0).any() for s in splits.values())
+            notes.append(f"split {len(paths)} files {fractions[0]:.0%}/{fractions[1]:.0%}/{fractions[2]:.0%} "
+                         f"with seed {seed}, " + ("by subject" if has_subjects else "by file (no subject ids in names)"))
+        for s in SPLITS:
+            if not len(splits[s]):
+                raise DataError(
+                    f"empty split: no '{s}' images under {root} ({len(sum((x.paths for x in splits.values()), []))} "
+                    "files in all). Add more images or change the split fractions."
+                )
+
+    for s in SPLITS:
+        splits[s], split_notes = check_split(s, splits[s], on_bad=on_bad, warn=warn)
+        notes.extend(split_notes)
+        if not len(splits[s]):
+            raise DataError(f"empty split: every '{s}' file under {root} was bad. Fix or replace the files.")
+    return DataSource(kind, root, splits, class_names, notes)
+
+
+# ---------------------------------------------------------------------------
+# The tf.data pipeline
+# ---------------------------------------------------------------------------
+
+
+def decode_image(contents):
+    """Decodes PNG (8- or 16-bit) or JPEG bytes to grayscale float32 in [0, 1].
+
+    Colour and alpha are converted to one gray channel by the decoder.
+
+    Args:
+        contents: a scalar string tensor of file bytes.
+
+    Returns:
+        A float32 tensor of shape (height, width, 1).
+    """
+    def jpeg():
+        return tf.cast(tf.io.decode_jpeg(contents, channels=1), tf.float32) / 255.0
+
+    def png():
+        return tf.cast(tf.io.decode_png(contents, channels=1, dtype=tf.uint16), tf.float32) / 65535.0
+
+    return tf.cond(tf.io.is_jpeg(contents), jpeg, png)
+
+
+def fit_image(image, size, fit="pad"):
+    """Fits a (h, w, 1) image to (size, size, 1).
+
+    Args:
+        image: float32 tensor (h, w, 1).
+        size: the model's square size.
+        fit: "pad" shrinks images larger than `size` keeping their aspect
+            ratio, then pads to the centre with black (never upsamples);
+            "stretch" resizes to size x size ignoring aspect; "crop" scales
+            the short side to `size` and crops the centre.
+
+    Returns:
+        A float32 tensor (size, size, 1).
+    """
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {FIT_MODES}. Received: fit={fit!r}")
+    if fit == "stretch":
+        return tf.image.resize(image, (size, size), antialias=True)
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    if fit == "pad":
+        scale = tf.minimum(1.0, size / tf.reduce_max(hw))
+    else:
+        scale = size / tf.reduce_min(hw)
+    new_hw = tf.maximum(1, tf.cast(tf.round(hw * scale), tf.int32))
+    image = tf.cond(
+        tf.reduce_all(new_hw == tf.shape(image)[:2]),
+        lambda: image,
+        lambda: tf.image.resize(image, new_hw, antialias=True),
+    )
+    image = tf.image.resize_with_crop_or_pad(image, size, size)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0, first_epoch=0,
+                 repeat=False, fit="pad", with_meta=False, drop_remainder=False, input_context=None):
+    """The streaming pipeline: file list -> shuffle -> parallel decode -> fit -> batch -> prefetch.
+
+    Only file names are shuffled and held; pixels are decoded on demand, so
+    memory does not grow with the number of files. With `shuffle`, the order
+    of epoch `e` is a fixed permutation of (seed, e), so a resumed run sees
+    the same order as an uninterrupted one.
+
+    Args:
+        split: a `Split`.
+        image_size: side of the square images the model sees.
+        batch_size: global batch size (divided over replicas when
+            `input_context` is given).
+        shuffle: shuffle files each epoch.
+        seed: seed of the per-epoch shuffle.
+        first_epoch: epoch number to start the shuffle sequence at (resume).
+        repeat: repeat forever (use `steps_per_epoch` in `fit`).
+        fit: how to fit sizes: "pad", "stretch" or "crop" (see `fit_image`).
+        with_meta: yield dicts {"image", "subject", "slice", "label"}
+            instead of bare image batches.
+        drop_remainder: drop the last partial batch.
+        input_context: a `tf.distribute.InputContext`; files are sharded
+            per input pipeline.
+
+    Returns:
+        A `tf.data.Dataset` of float32 batches (batch, size, size, 1) in [0, 1],
+        or of dicts when `with_meta`.
+
+    Example:
+    >>> source = load_source()
+    >>> ds = make_dataset(source.splits["train"], image_size=128, batch_size=8)
+    >>> next(iter(ds)).shape
+    TensorShape([8, 128, 128, 1])
+    """
+    n = len(split)
+    if n == 0:
+        raise DataError("cannot build a pipeline over an empty split")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8. Received: image_size={image_size}")
+    tables = (
+        tf.constant(split.paths),
+        tf.constant(split.subjects, tf.int32),
+        tf.constant(split.slices, tf.int32),
+        tf.constant(split.labels, tf.int32),
+    )
+
+    def epoch_indices(epoch):
+        indices = tf.data.Dataset.range(n)
+        if shuffle:
+            key = tf.stack([tf.constant(seed, tf.int64), epoch])
+            indices = indices.map(lambda i: tf.random.experimental.index_shuffle(i, key, n - 1))
+        return indices
+
+    epochs = tf.data.Dataset.range(first_epoch, first_epoch + 1 if not repeat else 2**62)
+    ds = epochs.flat_map(epoch_indices)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+
+    def load(i):
+        image = fit_image(decode_image(tf.io.read_file(tables[0][i])), image_size, fit)
+        image = tf.ensure_shape(image, (image_size, image_size, 1))
+        if not with_meta:
+            return image
+        return {"image": image, "subject": tables[1][i], "slice": tables[2][i], "label": tables[3][i]}
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------
+# Embedded default: synthetic brain phantoms
+# ---------------------------------------------------------------------------
+
+PHANTOM_SUBJECTS = (40, 4, 4)  # train, validate, test subjects; 32 slices each
+PHANTOM_SLICES = 32
+PHANTOM_SIZE = 256
+
+
+def _smooth_noise(rng, size, scale):
+    """Smooth random field in about [-1, 1]: upsampled coarse Gaussian noise."""
+    coarse = rng.standard_normal((scale, scale)).astype(np.float32)
+    field = tf.image.resize(coarse[None, :, :, None], (size, size), method="bicubic")
+    return np.clip(field.numpy()[0, :, :, 0] / 1.5, -1.0, 1.0)
+
+
+def phantom_subject(subject, seed=0):
+    """Per-subject anatomy parameters (head shape, folding, ventricle size, contrast)."""
+    rng = np.random.default_rng([seed, subject, 0])
+    return {
+        "ax": rng.uniform(0.60, 0.68), "ay": rng.uniform(0.76, 0.84),
+        "cx": rng.uniform(-0.03, 0.03), "cy": rng.uniform(-0.03, 0.03),
+        "tilt": rng.uniform(-0.08, 0.08),
+        "modes": rng.normal(0.0, 0.015, size=4), "phases": rng.uniform(0, 2 * np.pi, size=4),
+        "gyri": rng.integers(20, 28), "gyri_phase": rng.uniform(0, 2 * np.pi),
+        "ventricles": rng.uniform(0.7, 1.5), "wm": rng.uniform(0.78, 0.86), "gm": rng.uniform(0.47, 0.55),
+        "csf": rng.uniform(0.10, 0.18), "noise_seed": int(rng.integers(2**31)),
+    }
+
+
+def phantom_slice(subject, slice_index, *, n_slices=PHANTOM_SLICES, size=PHANTOM_SIZE, seed=0):
+    """One synthetic skull-stripped axial brain slice, as uint8 (size, size).
+
+    Anatomy varies with `slice_index` (0 = inferior, n_slices - 1 = superior):
+    the brain outline grows then shrinks, the lateral ventricles appear and
+    grow in the middle slices, deep grey nuclei sit beside them, the cortex
+    is a folded grey ribbon over white matter with CSF-filled sulci, and the
+    hemispheres are split by a fissure. Each subject has its own head shape,
+    folding pattern, ventricle size and contrast. Background is exactly 0.
+
+    Args:
+        subject: subject id (any int); seeds the anatomy.
+        slice_index: axial position, 0 .. n_slices - 1.
+        n_slices: slices per subject.
+        size: output side in pixels.
+        seed: dataset seed.
+
+    Returns:
+        A uint8 array (size, size).
+    """
+    p = phantom_subject(subject, seed)
+    rng = np.random.default_rng([seed, subject, slice_index + 1])
+    t = slice_index / max(1, n_slices - 1)
+    extent = np.sqrt(max(0.0, 1.0 - ((t - 0.45) / 0.62) ** 2))  # outline size along the axis
+    lin = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
+    y, x = np.meshgrid(lin, lin, indexing="ij")
+    c, s = np.cos(p["tilt"]), np.sin(p["tilt"])
+    xr, yr = c * (x - p["cx"]) + s * (y - p["cy"]), -s * (x - p["cx"]) + c * (y - p["cy"])
+    # Egg-shaped head: the occipital (bottom) end is wider than the frontal.
+    u = xr / (p["ax"] * extent * (1.0 + 0.07 * yr))
+    v = yr / (p["ay"] * extent)
+    rho0, theta = np.hypot(u, v), np.arctan2(v, u)
+    boundary = 1.0 + sum(a * np.cos((k + 2) * theta + ph + 2.0 * t)
+                         for k, (a, ph) in enumerate(zip(p["modes"], p["phases"])))
+    rho = rho0 / boundary
+    brain = rho < 1.0
+    # Folded cortex: gyri are white-matter fingers into the grey ribbon, of
+    # uneven depth and bending with depth; the sulci between them are thin
+    # CSF clefts opening to the surface.
+    bend = 0.9 * np.sin(3 * theta + p["gyri_phase"] + 3.0 * t) + 2.2 * (1.0 - rho) * np.sin(2 * theta + 5.0 * t)
+    gyral = np.sin(p["gyri"] * theta + p["gyri_phase"] + bend + 6.0 * t)
+    depth = 0.07 + 0.05 * np.sin(7 * theta + 2.0 * p["gyri_phase"] + 3.0 * t)
+    white = rho < 0.79 + depth * gyral
+    sulcus = (gyral < -0.88) & (rho > 0.79 - 0.6 * depth)
+    # Interhemispheric fissure, front and back.
+    fissure = (np.abs(u * p["ax"] * extent) < 0.012) & ((v > 0.40) | (v < -0.55))
+    # Lateral ventricles: curved ellipses, largest in the middle slices.
+    vsize = p["ventricles"] * np.exp(-(((t - 0.55) / 0.17) ** 2))
+    ventricles = np.zeros_like(brain)
+    deep_grey = np.zeros_like(brain)
+    if vsize > 0.05:
+        for side in (-1.0, 1.0):
+            du = (u - side * (0.10 + 0.03 * vsize)) / (0.055 * vsize + 1e-6)
+            dv = (v - 0.05 + 0.35 * (u - side * 0.1) ** 2) / (0.30 * min(1.0, vsize) + 1e-6)
+            ventricles |= du**2 + dv**2 < 1.0
+            gu, gv = (u - side * 0.30) / 0.11, (v + 0.02) / 0.20
+            deep_grey |= (gu**2 + gv**2 < 1.0) & (t > 0.3) & (t < 0.7)
+
+    image = np.where(white, p["wm"], p["gm"]).astype(np.float32)
+    image[deep_grey & white] = 0.5 * (p["wm"] + p["gm"])
+    image[sulcus | fissure | ventricles] = p["csf"]
+    bias = 1.0 + 0.06 * _smooth_noise(np.random.default_rng(p["noise_seed"]), size, 4)
+    texture = 0.03 * _smooth_noise(rng, size, 24)
+    image = image * bias + texture * brain
+    image = image + rng.normal(0.0, 0.015, image.shape).astype(np.float32)
+    # Soft 1-pixel edge, then exact black outside the brain.
+    edge = np.clip((1.0 - rho) * size * extent * 0.35, 0.0, 1.0)
+    image = np.clip(image * edge, 0.0, 1.0) * brain
+    return np.round(image * 255.0).astype(np.uint8)
+
+
+def ensure_phantoms(cache_dir, *, subjects=PHANTOM_SUBJECTS, n_slices=PHANTOM_SLICES,
+                    size=PHANTOM_SIZE, seed=0, verbose=True):
+    """Writes the phantom set once, in the OASIS PNG layout, and returns its root.
+
+    The set lives in `cache_dir/phantoms-v<version>-<hash of parameters>/`;
+    it is built in a temporary folder and renamed into place, so an
+    interrupted build never leaves a half set behind.
+
+    Args:
+        cache_dir: parent folder for generated sets.
+        subjects: (train, validate, test) subject counts.
+        n_slices: slices per subject.
+        size: image side in pixels.
+        seed: dataset seed.
+        verbose: show a progress bar while writing.
+
+    Returns:
+        Path of the `keras_png_slices_data` folder.
+    """
+    from PIL import Image
+
+    params = {"version": PHANTOM_VERSION, "subjects": list(subjects), "slices": n_slices,
+              "size": size, "seed": seed}
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    final = Path(cache_dir) / f"phantoms-v{PHANTOM_VERSION}-{digest}"
+    root = final / "keras_png_slices_data"
+    if (final / "phantoms.json").is_file():
+        return root
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    total = sum(subjects) * n_slices
+    bar = None
+    if verbose:
+        import keras
+
+        print(f"Writing {total} synthetic brain phantoms to {final} (once) ...", file=sys.stderr)
+        bar = keras.utils.Progbar(total, unit_name="image", interval=0.5)
+    subject_id = 1
+    for split, count in zip(SPLITS, subjects):
+        folder = tmp / "keras_png_slices_data" / OASIS_DIRS[split]
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(count):
+            for z in range(n_slices):
+                pixels = phantom_slice(subject_id, z, n_slices=n_slices, size=size, seed=seed)
+                Image.fromarray(pixels).save(folder / f"case_{subject_id:03d}_slice_{z}.nii.png")
+                if bar is not None:
+                    bar.add(1)
+            subject_id += 1
+    (tmp / "phantoms.json").write_text(json.dumps(params, indent=2))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process finished first: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ---------------------------------------------------------------------------
+# Preview grid
+# ---------------------------------------------------------------------------
+
+
+def save_grid(images, path, *, titles=None, suptitle=None, columns=8):
+    """Saves a grid of grayscale images (N, H, W[, 1]) in [0, 1] as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images)
+    n = len(images)
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 1.9 * rows + 0.4), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k].squeeze(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[k], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def preview(source, path, *, image_size=256, fit="pad", n_images=32, seed=0):
+    """Writes a grid of training images exactly as the pipeline yields them."""
+    split = source.splits["train"]
+    ds = make_dataset(split, image_size=image_size, batch_size=min(n_images, len(split)),
+                      shuffle=True, seed=seed, fit=fit, with_meta=True)
+    batch = next(iter(ds))
+    titles = []
+    for subject, slice_, label in zip(batch["subject"].numpy(), batch["slice"].numpy(), batch["label"].numpy()):
+        if subject >= 0:
+            titles.append(f"case {subject} slice {slice_}")
+        elif label >= 0:
+            titles.append(source.class_names[label])
+        else:
+            titles.append("")
+    counts = source.counts()
+    suptitle = (f"{source.kind}: train {counts['train']} / validate {counts['validate']} / "
+                f"test {counts['test']}, shown at {image_size}x{image_size} ({fit})")
+    return save_grid(batch["image"].numpy(), path, titles=titles, suptitle=suptitle)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Inspect the slices the models will see: resolve the data, check every file, "
+                    "report counts per split, and optionally draw a preview grid.")
+    parser.add_argument("--data", default=None,
+                        help="folder with the OASIS keras_png_slices_* folders (any nesting) or any folder of "
+                             "PNG/JPEG slices. Default: data/keras_png_slices_data if present, else the "
+                             "built-in synthetic brain phantoms.")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square images (default 256)")
+    parser.add_argument("--fit", choices=FIT_MODES, default="pad",
+                        help="how other sizes are fitted: pad (shrink if larger, keep aspect, pad to centre; "
+                             "default), stretch, or crop (fill, then centre-crop)")
+    parser.add_argument("--preview", metavar="FILE.png", default=None,
+                        help="write a grid of training images as the pipeline yields them")
+    parser.add_argument("--n-preview", type=int, default=32, help="images in the preview grid (default 32)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split (generic folders) and of the shuffle (default 0)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out unreadable or corrupt files with a warning naming each, instead of stopping")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the phantoms are written (default $BRAIN_VQVAE_CACHE or ~/.cache/brain-vqvae)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
+    args = parser.parse_args(argv)
+
+    try:
+        source = load_source(args.data, seed=args.seed, on_bad="skip" if args.skip_bad else "error",
+                             cache_dir=args.cache_dir)
+        summary = source.summary()
+        summary["image_size"] = args.image_size
+        if args.preview:
+            summary["preview"] = str(preview(source, args.preview, image_size=args.image_size, fit=args.fit,
+                                             n_images=args.n_preview, seed=args.seed))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    subjects = summary["subjects"]
+    per_split = ", ".join(
+        f"{s} {summary[s]}" + (f" ({subjects[s]} subjects)" if subjects[s] else "") for s in SPLITS)
+    line = f"{summary['source']} data at {summary['root']}: {per_split}"
+    if args.preview:
+        line += f"; preview written to {summary['preview']}"
+    print(line)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
