@@ -192,28 +192,27 @@ def find_oasis_layout(root, max_depth=5):
     """
     root = Path(root)
     wanted = {v: k for k, v in OASIS_DIRS.items()}
-    found = {}
-    base_depth = len(root.parts)
-    for dirpath, dirnames, _ in os.walk(root):
-        depth = len(Path(dirpath).parts) - base_depth
-        dirnames[:] = sorted(d for d in dirnames if not _skip_dir(d))
-        for name in dirnames:
-            if name in wanted and wanted[name] not in found:
-                found[wanted[name]] = Path(dirpath) / name
-        if depth >= max_depth:
-            dirnames[:] = []
-        else:  # do not descend into the split folders themselves
-            dirnames[:] = [d for d in dirnames if d not in wanted]
-    if not found:
+    partial = None
+    level = [root]
+    for _ in range(max_depth + 1):  # breadth first: the shallowest complete set wins
+        deeper = []
+        for folder in level:
+            try:
+                names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not _skip_dir(p.name))
+            except OSError as err:
+                raise DataError(f"cannot read folder {folder} ({err.strerror}). Check its permissions.") from None
+            found = {wanted[n]: folder / n for n in names if n in wanted}
+            if len(found) == len(SPLITS):  # all three side by side, never mixed from two copies
+                return found
+            partial = partial or (found or None)
+            deeper += [folder / n for n in names if n not in wanted]
+        level = deeper
+    if partial is None:
         return None
-    missing = [OASIS_DIRS[s] for s in SPLITS if s not in found]
-    if missing:
-        have = ", ".join(str(found[s]) for s in SPLITS if s in found)
-        raise DataError(
-            f"incomplete OASIS layout under {root}: found {have} but not "
-            f"{', '.join(missing)}. Extract the whole keras_png_slices_data zip there."
-        )
-    return found
+    have = ", ".join(str(partial[s]) for s in SPLITS if s in partial)
+    missing = ", ".join(OASIS_DIRS[s] for s in SPLITS if s not in partial)
+    raise DataError(f"incomplete OASIS layout under {root}: found {have} but not {missing}. "
+                    "Extract the whole keras_png_slices_data zip there.")
 
 
 def _match_split_dirs(root):
@@ -225,7 +224,7 @@ def _match_split_dirs(root):
             if alias in subdirs:
                 found[split] = subdirs[alias]
                 break
-    return found if "train" in found and "test" in found else {}
+    return found if "train" in found and len(found) >= 2 else {}
 
 
 def _class_of(path, root):
@@ -343,7 +342,10 @@ def _jpeg_info(path, f, size):
             break
         (length,) = struct.unpack(">H", raw)
         if kind in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            depth, height, width, channels = struct.unpack(">BHHB", f.read(6))
+            frame = f.read(6)
+            if len(frame) < 6:
+                break
+            depth, height, width, channels = struct.unpack(">BHHB", frame)
             info = ImageInfo("jpeg", width, height, channels, depth)
         elif kind == 0xDA:  # start of scan before any frame header
             break
@@ -523,11 +525,12 @@ def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
             for s, paths in files.items():
                 labels = [class_names.index(_class_of(p, class_roots[s])) if class_names else -1 for p in paths]
                 splits[s] = make_split(paths, labels)
-            if "validate" not in splits:  # carve validation out of train
-                share = fractions[1] / (fractions[0] + fractions[1])
+            for missing in [m for m in ("validate", "test") if m not in splits]:  # carve it out of train
+                share = fractions[SPLITS.index(missing)] / (fractions[0] + fractions[SPLITS.index(missing)])
+                shares = (1 - share, share, 0.0) if missing == "validate" else (1 - share, 0.0, share)
                 carved, _ = split_files(splits["train"].paths, root=class_roots["train"], seed=seed,
-                                        fractions=(1 - share, share, 0.0), class_names=class_names)
-                splits["train"], splits["validate"] = carved["train"], carved["validate"]
+                                        fractions=shares, class_names=class_names)
+                splits["train"], splits[missing] = carved["train"], carved[missing]
             notes.append("used the folder's own " + "/".join(d.name for d in predefined.values())
                          + " split")
         else:
@@ -614,6 +617,32 @@ def fit_image(image, size, fit="pad"):
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
+def index_stream(n, batch_size, *, shuffle=False, seed=0, first_epoch=0, repeat=False, drop_remainder=False):
+    """Indices 0..n-1 epoch after epoch, each epoch a fixed permutation of (seed, epoch) when shuffled.
+
+    Because an epoch's order depends only on (seed, epoch), a run resumed at
+    epoch e sees the order an uninterrupted run would. When repeating with
+    `drop_remainder`, each epoch contributes only whole batches, so epoch
+    boundaries stay aligned with batch boundaries.
+
+    Returns:
+        A `tf.data.Dataset` of int64 indices.
+    """
+    per_epoch = (n // batch_size) * batch_size if (repeat and drop_remainder) else n
+    if per_epoch == 0:
+        raise DataError(f"the split has {n} items, fewer than one batch of {batch_size}. Lower the batch size.")
+
+    def epoch_indices(epoch):
+        indices = tf.data.Dataset.range(n)
+        if shuffle:
+            key = tf.stack([tf.constant(seed, tf.int64), epoch])
+            indices = indices.map(lambda i: tf.random.experimental.index_shuffle(i, key, n - 1))
+        return indices.take(per_epoch)
+
+    last_epoch = first_epoch + 1 if not repeat else 2**62
+    return tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch_indices)
+
+
 def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0, first_epoch=0,
                  repeat=False, fit="pad", with_meta=False, drop_remainder=False, input_context=None):
     """The streaming pipeline: file list -> shuffle -> parallel decode -> fit -> batch -> prefetch.
@@ -661,18 +690,16 @@ def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0,
         tf.constant(split.labels, tf.int32),
     )
 
-    def epoch_indices(epoch):
-        indices = tf.data.Dataset.range(n)
-        if shuffle:
-            key = tf.stack([tf.constant(seed, tf.int64), epoch])
-            indices = indices.map(lambda i: tf.random.experimental.index_shuffle(i, key, n - 1))
-        return indices
-
-    epochs = tf.data.Dataset.range(first_epoch, first_epoch + 1 if not repeat else 2**62)
-    ds = epochs.flat_map(epoch_indices)
+    ds = index_stream(n, batch_size, shuffle=shuffle, seed=seed, first_epoch=first_epoch, repeat=repeat,
+                      drop_remainder=drop_remainder)
+    items = n
     if input_context is not None and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        shards, shard = input_context.num_input_pipelines, input_context.input_pipeline_id
+        ds = ds.shard(shards, shard)
         batch_size = input_context.get_per_replica_batch_size(batch_size)
+        items = len(range(shard, n, shards))
+    if not repeat:  # let Keras know the length up front
+        ds = ds.apply(tf.data.experimental.assert_cardinality(items))
 
     def load(i):
         image = fit_image(decode_image(tf.io.read_file(tables[0][i])), image_size, fit)

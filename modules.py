@@ -1,0 +1,703 @@
+"""The models: a VQ-VAE (encoder, vector quantizer, decoder) for 2D brain slices.
+
+    images (B, S, S, 1) in [0, 1]
+      -> Encoder: strided convolutions + residual blocks -> z (B, S/f, S/f, D)
+      -> VectorQuantizer: nearest of K codes, straight-through -> indices (B, S/f, S/f)
+      -> Decoder: residual blocks + transposed convolutions -> reconstruction (B, S, S, 1)
+
+The downsampling factor f sets the code grid (f=4 gives 64x64 codes at 256 px,
+f=8 gives 32x32). The codebook learns by exponential moving averages by
+default (as Sonnet's VectorQuantizerEMA), restarts codes that fall out of use,
+and its usage is reported as perplexity and the fraction of codes in use.
+"""
+
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
+
+PACKAGE = "brain_vqvae"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VectorQuantizer(keras.layers.Layer):
+    """Maps each D-vector to its nearest of K codebook vectors.
+
+    The nearest-code search runs in float32 whatever the dtype policy. The
+    output passes gradients straight through to the input (z + sg(q - z)),
+    and the layer adds the commitment loss `beta * |z - sg(q)|^2` (plus the
+    codebook loss `|sg(z) - q|^2` when the codebook is learnt by gradient).
+
+    With `ema=True` (default) the codebook is not trained by gradient but
+    follows exponential moving averages of the vectors assigned to each
+    code: counts N_k and sums m_k decay by `decay`, counts are Laplace
+    smoothed with `epsilon`, and code k becomes m_k / N_k.
+
+    Codes whose moving share of assignments (decay `usage_decay`) falls below
+    `dead_threshold / K` (unused for about 70 steps at the defaults) are
+    re-seeded from encoder outputs of the current batch, picked with
+    probability proportional to their squared distance to the codebook; on
+    the first training batch every code is seeded so (a data-dependent
+    initialisation).
+
+    Args:
+        num_codes: K, the codebook size.
+        code_dim: D, the size of each code vector; the input's last axis.
+        beta: weight of the commitment loss.
+        ema: learn the codebook by moving averages (True) or by gradient.
+        decay: decay of the moving averages (counts, sums and usage).
+        epsilon: Laplace smoothing of the counts.
+        dead_threshold: a code is restarted when its moving share of
+            assignments is below `dead_threshold / num_codes`; 0 disables.
+        usage_decay: decay of the moving share of assignments per code.
+        seed: seed of the restarts' sampling.
+
+    Returns:
+        `(quantized, indices)`: quantized vectors shaped like the input, and
+        int32 code indices shaped like the input without its last axis.
+
+    Example:
+    >>> vq = VectorQuantizer(num_codes=8, code_dim=4)
+    >>> quantized, indices = vq(keras.random.normal((2, 5, 5, 4)))
+    >>> tuple(indices.shape)
+    (2, 5, 5)
+    """
+
+    def __init__(self, num_codes=512, code_dim=64, beta=0.25, ema=True, decay=0.99, epsilon=1e-5,
+                 dead_threshold=0.03, usage_decay=0.95, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if num_codes < 2:
+            raise ValueError(f"num_codes must be at least 2. Received: num_codes={num_codes}")
+        if code_dim < 1:
+            raise ValueError(f"code_dim must be positive. Received: code_dim={code_dim}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1). Received: decay={decay}")
+        self.num_codes = num_codes
+        self.code_dim = code_dim
+        self.beta = beta
+        self.ema = ema
+        self.decay = decay
+        self.epsilon = epsilon
+        self.dead_threshold = dead_threshold
+        self.usage_decay = usage_decay
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.code_dim:
+            raise ValueError(
+                f"the last axis of the input must be code_dim={self.code_dim}. Received: input_shape={input_shape}")
+        k, d = self.num_codes, self.code_dim
+        self.codebook = self.add_weight(
+            shape=(k, d), initializer=keras.initializers.RandomUniform(-1.0 / k, 1.0 / k),
+            trainable=not self.ema, name="codebook", dtype="float32")
+        self.ema_counts = self.add_weight(shape=(k,), initializer="zeros", trainable=False,
+                                          name="ema_counts", dtype="float32")
+        self.ema_sums = self.add_weight(shape=(k, d), initializer="zeros", trainable=False,
+                                        name="ema_sums", dtype="float32")
+        self.usage = self.add_weight(shape=(k,), initializer="zeros", trainable=False,
+                                     name="usage", dtype="float32")
+        self.initialized = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                           name="initialized", dtype="float32")
+
+    def nearest(self, flat):
+        """Nearest codes of (N, D) float32 vectors: (indices int32 (N,), squared distances (N,))."""
+        distances = (ops.sum(flat**2, axis=1, keepdims=True)
+                     - 2.0 * ops.matmul(flat, ops.transpose(self.codebook))
+                     + ops.sum(self.codebook**2, axis=1)[None, :])
+        return ops.cast(ops.argmin(distances, axis=1), "int32"), ops.maximum(ops.min(distances, axis=1), 0.0)
+
+    def lookup(self, indices):
+        """Code vectors (..., D) of integer indices (...)."""
+        return ops.take(self.codebook, indices, axis=0)
+
+    def call(self, inputs, training=False):
+        z = ops.cast(inputs, "float32")
+        flat = ops.reshape(z, (-1, self.code_dim))
+        flat_indices, distances = self.nearest(flat)
+        indices = ops.reshape(flat_indices, ops.shape(z)[:-1])
+        quantized = self.lookup(indices)
+        loss = self.beta * ops.mean((z - ops.stop_gradient(quantized)) ** 2)
+        if not self.ema:
+            loss = loss + ops.mean((ops.stop_gradient(z) - quantized) ** 2)
+        self.add_loss(loss)
+        if training:
+            self._update_codebook(ops.stop_gradient(flat), flat_indices, ops.stop_gradient(distances))
+        quantized = z + ops.stop_gradient(quantized - z)
+        return ops.cast(quantized, self.compute_dtype), indices
+
+    def _update_codebook(self, flat, indices, distances):
+        """EMA step, then the restart of dead codes (in place)."""
+        k = self.num_codes
+        # Per-code counts and sums by segment sums: no (N, K) one-hot in memory.
+        counts = ops.segment_sum(ops.ones_like(indices, dtype="float32"), indices, num_segments=k)
+        share = counts / ops.cast(ops.shape(flat)[0], "float32")
+        codebook = self.codebook
+        if self.ema:
+            sums = ops.segment_sum(flat, indices, num_segments=k)
+            ema_counts = self.decay * self.ema_counts + (1.0 - self.decay) * counts
+            ema_sums = self.decay * self.ema_sums + (1.0 - self.decay) * sums
+            total = ops.sum(ema_counts)
+            smoothed = (ema_counts + self.epsilon) / (total + k * self.epsilon) * total
+            codebook = ema_sums / smoothed[:, None]
+        usage = self.usage_decay * self.usage + (1.0 - self.usage_decay) * share
+        dead = ops.logical_or(usage < self.dead_threshold / k, self.initialized < 0.5)
+        sample = ops.take(flat, self._restart_picks(distances), axis=0)
+        self.codebook.assign(ops.where(dead[:, None], sample, codebook))
+        if self.ema:
+            self.ema_sums.assign(ops.where(dead[:, None], sample, ema_sums))
+            self.ema_counts.assign(ops.where(dead, 1.0, ema_counts))
+        self.usage.assign(ops.where(dead, 1.0 / k, usage))
+        self.initialized.assign(1.0)
+
+    def _restart_picks(self, distances):
+        """K distinct batch positions, drawn with probability proportional to
+        the squared distance to their nearest code (as k-means++ seeding):
+        vectors the codebook already fits well, such as the black background
+        that fills most of a brain slice, are not picked again and again.
+        Gumbel top-k samples without replacement in O(N log K)."""
+        n = ops.shape(distances)[0]
+        uniform = keras.random.uniform((n,), minval=1e-9, maxval=1.0, seed=self.seed_generator)
+        keys = ops.log(distances + 1e-12) - ops.log(-ops.log(uniform))
+        k = ops.minimum(self.num_codes, n)
+        _, picks = ops.top_k(keys, k)
+        return ops.take(picks, ops.arange(self.num_codes) % k)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape, input_shape[:-1]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "num_codes": self.num_codes, "code_dim": self.code_dim, "beta": self.beta, "ema": self.ema,
+            "decay": self.decay, "epsilon": self.epsilon, "dead_threshold": self.dead_threshold, "usage_decay": self.usage_decay,
+            "seed": self.seed,
+        })
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResidualBlock(keras.layers.Layer):
+    """`x + Conv1x1(ReLU(Conv3x3(ReLU(x))))`, as in the VQ-VAE paper.
+
+    Args:
+        hidden: channels of the 3x3 convolution.
+
+    Returns:
+        A tensor shaped like the input.
+    """
+
+    def __init__(self, hidden=32, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = hidden
+
+    def build(self, input_shape):
+        self.conv3 = keras.layers.Conv2D(self.hidden, 3, padding="same", name="conv3x3")
+        self.conv3.build(input_shape)
+        self.conv1 = keras.layers.Conv2D(input_shape[-1], 1, name="conv1x1")
+        self.conv1.build((*input_shape[:-1], self.hidden))
+
+    def call(self, inputs):
+        return inputs + self.conv1(ops.relu(self.conv3(ops.relu(inputs))))
+
+    def get_config(self):
+        return {**super().get_config(), "hidden": self.hidden}
+
+
+def _steps(downsample):
+    steps = int(round(math.log2(downsample))) if downsample > 0 else -1
+    if steps < 1 or 2**steps != downsample:
+        raise ValueError(f"downsample must be a power of two >= 2. Received: downsample={downsample}")
+    return steps
+
+
+def build_encoder(downsample=4, channels=64, res_blocks=2, res_channels=32, code_dim=64):
+    """Strided 4x4 convolutions down by `downsample`, residual blocks, 1x1 to `code_dim`."""
+    steps = _steps(downsample)
+    layers = []
+    for i in range(steps):
+        width = channels // 2 if i < steps - 1 else channels
+        layers.append(keras.layers.Conv2D(width, 4, strides=2, padding="same", activation="relu", name=f"down{i}"))
+    layers.append(keras.layers.Conv2D(channels, 3, padding="same", name="mix"))
+    layers += [ResidualBlock(res_channels, name=f"res{i}") for i in range(res_blocks)]
+    layers += [keras.layers.ReLU(name="relu"), keras.layers.Conv2D(code_dim, 1, name="to_codes")]
+    return keras.Sequential(layers, name="encoder")
+
+
+def build_decoder(downsample=4, channels=64, res_blocks=2, res_channels=32):
+    """Mirror of the encoder: residual blocks, then transposed convolutions up to 1 channel."""
+    steps = _steps(downsample)
+    layers = [keras.layers.Conv2D(channels, 3, padding="same", name="from_codes")]
+    layers += [ResidualBlock(res_channels, name=f"res{i}") for i in range(res_blocks)]
+    layers.append(keras.layers.ReLU(name="relu"))
+    for i in range(steps - 1):
+        layers.append(keras.layers.Conv2DTranspose(channels // 2, 4, strides=2, padding="same", activation="relu",
+                                                   name=f"up{i}"))
+    layers.append(keras.layers.Conv2DTranspose(1, 4, strides=2, padding="same", name=f"up{steps - 1}",
+                                               dtype="float32"))
+    return keras.Sequential(layers, name="decoder")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CodebookUsage(keras.metrics.Metric):
+    """Perplexity and fraction of codes used, over all indices seen since the last reset.
+
+    Perplexity is exp(entropy) of the code histogram: K when every code is
+    used equally, 1 when one code takes everything.
+    """
+
+    def __init__(self, num_codes, name="codebook_usage", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_codes = num_codes
+        self.counts = self.add_variable(shape=(num_codes,), initializer="zeros", name="counts", dtype="float32")
+
+    def update_state(self, indices):
+        flat = ops.cast(ops.reshape(indices, (-1,)), "int32")
+        self.counts.assign_add(ops.segment_sum(ops.ones_like(flat, dtype="float32"), flat,
+                                               num_segments=self.num_codes))
+
+    def result(self):
+        total = ops.maximum(ops.sum(self.counts), 1.0)
+        p = self.counts / total
+        entropy = -ops.sum(ops.where(p > 0, p * ops.log(ops.maximum(p, 1e-12)), 0.0))
+        return {"perplexity": ops.exp(entropy),
+                "codes_used": ops.mean(ops.cast(self.counts > 0, "float32"))}
+
+    def get_config(self):
+        return {**super().get_config(), "num_codes": self.num_codes}
+
+
+def image_quality(images, reconstructions):
+    """Per-image SSIM and PSNR of reconstructions clipped to [0, 1].
+
+    SSIM is `tf.image.ssim` with max_val=1 (11x11 Gaussian window) at full
+    resolution.
+
+    Returns:
+        `(ssim, psnr)`, each a float32 tensor (batch,).
+    """
+    images = tf.cast(images, tf.float32)
+    reconstructions = tf.clip_by_value(tf.cast(reconstructions, tf.float32), 0.0, 1.0)
+    return tf.image.ssim(images, reconstructions, max_val=1.0), tf.image.psnr(images, reconstructions, max_val=1.0)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VQVAE(keras.Model):
+    """VQ-VAE for single-channel images in [0, 1].
+
+    Tracks total, reconstruction (MSE) and VQ losses, SSIM, PSNR, perplexity
+    and the fraction of codes used, in training and evaluation.
+
+    Args:
+        downsample: encoder stride; the code grid is image_size / downsample.
+        channels: convolution channels of encoder and decoder.
+        res_blocks: residual blocks in encoder and decoder.
+        res_channels: hidden channels of each residual block.
+        num_codes: K, the codebook size.
+        code_dim: D, the code vector size.
+        beta: commitment loss weight.
+        codebook: "ema" (moving averages, default) or "loss" (gradient).
+        decay: EMA decay.
+        dead_threshold: restart threshold of unused codes (see `VectorQuantizer`).
+        seed: seed of the quantizer's restarts.
+
+    Example:
+    >>> model = VQVAE(downsample=4, num_codes=16, code_dim=8, channels=16)
+    >>> model(keras.ops.zeros((1, 32, 32, 1))).shape
+    TensorShape([1, 32, 32, 1])
+    """
+
+    def __init__(self, downsample=4, channels=64, res_blocks=2, res_channels=32, num_codes=512, code_dim=64,
+                 beta=0.25, codebook="ema", decay=0.99, dead_threshold=0.03, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if codebook not in ("ema", "loss"):
+            raise ValueError(f"codebook must be 'ema' or 'loss'. Received: codebook={codebook!r}")
+        self.hyper = {"downsample": downsample, "channels": channels, "res_blocks": res_blocks,
+                      "res_channels": res_channels, "num_codes": num_codes, "code_dim": code_dim, "beta": beta,
+                      "codebook": codebook, "decay": decay, "dead_threshold": dead_threshold, "seed": seed}
+        self.downsample = downsample
+        self.num_codes = num_codes
+        self.encoder = build_encoder(downsample, channels, res_blocks, res_channels, code_dim)
+        self.quantizer = VectorQuantizer(num_codes, code_dim, beta=beta, ema=codebook == "ema", decay=decay,
+                                         dead_threshold=dead_threshold, seed=seed, name="quantizer")
+        self.decoder = build_decoder(downsample, channels, res_blocks, res_channels)
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in ("loss", "recon_loss", "vq_loss", "ssim", "psnr")}
+        self.usage = CodebookUsage(num_codes, name="codebook_usage")
+
+    def build(self, input_shape):
+        self.encoder.build(input_shape)
+        z_shape = self.encoder.compute_output_shape(input_shape)
+        self.quantizer.build(z_shape)
+        self.decoder.build(z_shape)
+        self.built = True
+
+    def call(self, images, training=False):
+        quantized, _ = self.quantizer(self.encoder(images, training=training), training=training)
+        return self.decoder(quantized, training=training)
+
+    @property
+    def metrics(self):
+        return [*self.trackers.values(), self.usage]
+
+    def _forward(self, images, training):
+        quantized, indices = self.quantizer(self.encoder(images, training=training), training=training)
+        reconstructions = self.decoder(quantized, training=training)
+        recon_loss = ops.mean((ops.cast(images, "float32") - ops.cast(reconstructions, "float32")) ** 2)
+        vq_loss = ops.sum(self.quantizer.losses)
+        return reconstructions, indices, recon_loss, vq_loss
+
+    def _log(self, images, reconstructions, indices, recon_loss, vq_loss):
+        ssim, psnr = image_quality(images, reconstructions)
+        # SSIM and PSNR are averaged per image (not per batch), so a partial
+        # last batch counts for what it holds.
+        values = {"loss": recon_loss + vq_loss, "recon_loss": recon_loss, "vq_loss": vq_loss,
+                  "ssim": ssim, "psnr": psnr}
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        self.usage.update_state(indices)
+        return {**{name: t.result() for name, t in self.trackers.items()}, **self.usage.result()}
+
+    def train_step(self, data):
+        images = data[0] if isinstance(data, (tuple, list)) else data
+        with tf.GradientTape() as tape:
+            reconstructions, indices, recon_loss, vq_loss = self._forward(images, training=True)
+            loss = recon_loss + vq_loss
+            scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return self._log(images, reconstructions, indices, recon_loss, vq_loss)
+
+    def test_step(self, data):
+        images = data[0] if isinstance(data, (tuple, list)) else data
+        reconstructions, indices, recon_loss, vq_loss = self._forward(images, training=False)
+        return self._log(images, reconstructions, indices, recon_loss, vq_loss)
+
+    def encode(self, images):
+        """Code indices (B, S/f, S/f) int32 of images (B, S, S, 1)."""
+        return self.quantizer(self.encoder(images, training=False), training=False)[1]
+
+    def decode(self, indices):
+        """Images (B, S, S, 1) in [0, 1] decoded from code indices (B, S/f, S/f)."""
+        return ops.clip(self.decoder(self.quantizer.lookup(indices), training=False), 0.0, 1.0)
+
+    def reconstruct(self, images):
+        """`decode(encode(images))` in one call: the model's reconstruction, clipped to [0, 1]."""
+        return ops.clip(self(images, training=False), 0.0, 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), **self.hyper}
+
+
+# ---------------------------------------------------------------------------
+# The prior: a gated PixelCNN over code grids
+# ---------------------------------------------------------------------------
+
+
+def _gate(x):
+    """tanh(a) * sigmoid(b) for x = [a, b] split on the last axis."""
+    a, b = ops.split(x, 2, axis=-1)
+    return ops.tanh(a) * ops.sigmoid(b)
+
+
+def _shift_down(x):
+    """Moves rows down by one (row 0 becomes zeros)."""
+    return ops.pad(x, [[0, 0], [1, 0], [0, 0], [0, 0]])[:, :-1]
+
+
+def _shift_right(x):
+    """Moves columns right by one (column 0 becomes zeros)."""
+    return ops.pad(x, [[0, 0], [0, 0], [1, 0], [0, 0]])[:, :, :-1]
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GatedPixelCNN(keras.Model):
+    """Gated PixelCNN (van den Oord et al. 2016) over a grid of code indices.
+
+    A vertical stack sees the rows above; a horizontal stack sees the codes
+    to the left in the current row and, through a 1x1 convolution, the
+    vertical stack shifted down by a row, so the receptive field has no
+    blind spot. Each layer is gated (tanh * sigmoid); the horizontal stack
+    is residual after the first layer; skip connections from every layer
+    feed a small head that gives logits over the K codes.
+
+    Causality comes from the kernel shapes and padding, not from masked
+    weights: the vertical kernel is (k//2 + 1) x k over zero-padded rows
+    above, the horizontal kernel 1 x (k//2 + 1) over columns to the left.
+    The first horizontal layer also shifts its input right by one, so it
+    never sees the code it predicts ("mask A"); later layers see the
+    current position's features, which only hold earlier codes ("mask B").
+
+    Optional conditioning on the axial slice position (OASIS slice index,
+    0 .. num_slices - 1) and on a class label adds a learnt bias per layer
+    to every gate; unknown values (-1 or out of range) use a learnt
+    "unknown" embedding.
+
+    Args:
+        num_codes: K, the number of codes (the VQ-VAE's codebook size).
+        filters: channels of both stacks.
+        layers: gated layers.
+        kernel_size: k, odd.
+        skip_filters: channels of the skip connections and the head.
+        num_slices: slice positions to condition on; 0 for none.
+        num_classes: class labels to condition on; 0 for none.
+
+    Inputs:
+        A dict {"codes": int (B, H, W), "slice": int (B,), "label": int (B,)}
+        ("slice"/"label" only when conditioned), or the codes tensor alone.
+
+    Returns:
+        Logits (B, H, W, K).
+
+    Example:
+    >>> prior = GatedPixelCNN(num_codes=16, filters=8, layers=2)
+    >>> prior(keras.ops.zeros((1, 4, 4), "int32")).shape
+    TensorShape([1, 4, 4, 16])
+    """
+
+    def __init__(self, num_codes=512, filters=64, layers=8, kernel_size=5, skip_filters=128, num_slices=0,
+                 num_classes=0, **kwargs):
+        super().__init__(**kwargs)
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and at least 3. Received: kernel_size={kernel_size}")
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1. Received: layers={layers}")
+        self.num_codes, self.filters, self.num_layers = num_codes, filters, layers
+        self.kernel_size, self.skip_filters = kernel_size, skip_filters
+        self.num_slices, self.num_classes = num_slices, num_classes
+        self.conditional = bool(num_slices or num_classes)
+        half = kernel_size // 2 + 1
+        conv = keras.layers.Conv2D
+        self.embed = keras.layers.Embedding(num_codes, filters, name="embed")
+        self.v_convs = [conv(2 * filters, (half, kernel_size), name=f"v{i}") for i in range(layers)]
+        self.h_convs = [conv(2 * filters, (1, half), name=f"h{i}") for i in range(layers)]
+        self.v_to_h = [conv(2 * filters, 1, name=f"v_to_h{i}") for i in range(layers)]
+        # The last layer's horizontal output would feed nothing: it only has a skip.
+        self.h_outs = [conv(filters, 1, name=f"h_out{i}") for i in range(layers - 1)]
+        self.skips = [conv(skip_filters, 1, name=f"skip{i}") for i in range(layers)]
+        self.head = [conv(skip_filters, 1, name="head0"), conv(num_codes, 1, name="head1")]
+        if self.conditional:
+            self.slice_embed = keras.layers.Embedding(num_slices + 1, filters, name="slice_embed")
+            self.label_embed = keras.layers.Embedding(num_classes + 1, filters, name="label_embed")
+            self.cond_v = [keras.layers.Dense(2 * filters, use_bias=False, name=f"cond_v{i}") for i in range(layers)]
+            self.cond_h = [keras.layers.Dense(2 * filters, use_bias=False, name=f"cond_h{i}") for i in range(layers)]
+
+    def _unpack(self, inputs):
+        if isinstance(inputs, dict):
+            codes = inputs["codes"]
+            n = ops.shape(codes)[0]
+            slices = inputs.get("slice", ops.full((n,), -1, "int32"))
+            labels = inputs.get("label", ops.full((n,), -1, "int32"))
+            return codes, slices, labels
+        n = ops.shape(inputs)[0]
+        return inputs, ops.full((n,), -1, "int32"), ops.full((n,), -1, "int32")
+
+    def condition(self, slices, labels):
+        """The conditioning vector (B, filters), or None when unconditional."""
+        if not self.conditional:
+            return None
+
+        def known(values, count):  # -1 and out-of-range values map to the "unknown" row `count`
+            values = ops.cast(values, "int32")
+            return ops.where(ops.logical_and(values >= 0, values < count), values, count)
+
+        return (self.slice_embed(known(slices, self.num_slices))
+                + self.label_embed(known(labels, self.num_classes)))
+
+    def call(self, inputs):
+        codes, slices, labels = self._unpack(inputs)
+        cond = self.condition(slices, labels)
+        k, half = self.kernel_size, self.kernel_size // 2 + 1
+        x = self.embed(ops.cast(codes, "int32"))
+        v, h, skip = x, _shift_right(x), 0.0
+        for i in range(self.num_layers):
+            v_pre = self.v_convs[i](ops.pad(v, [[0, 0], [half - 1, 0], [k // 2, k // 2], [0, 0]]))
+            h_pre = self.h_convs[i](ops.pad(h, [[0, 0], [0, 0], [half - 1, 0], [0, 0]]))
+            if cond is not None:
+                v_pre = v_pre + self.cond_v[i](cond)[:, None, None, :]
+                h_pre = h_pre + self.cond_h[i](cond)[:, None, None, :]
+            h_pre = h_pre + self.v_to_h[i](_shift_down(v_pre))
+            v = _gate(v_pre)
+            gated = _gate(h_pre)
+            skip = skip + self.skips[i](gated)
+            if i < self.num_layers - 1:
+                h = self.h_outs[i](gated) + (h if i > 0 else 0.0)
+        return self.head[1](ops.relu(self.head[0](ops.relu(skip))))
+
+    def get_config(self):
+        return {**super().get_config(), "num_codes": self.num_codes, "filters": self.filters,
+                "layers": self.num_layers, "kernel_size": self.kernel_size, "skip_filters": self.skip_filters,
+                "num_slices": self.num_slices, "num_classes": self.num_classes}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BitsPerCode(keras.metrics.Metric):
+    """Mean negative log-likelihood per code, in bits, over every code seen."""
+
+    def __init__(self, name="bits_per_code", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total", dtype="float32")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count", dtype="float32")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        nll = keras.losses.sparse_categorical_crossentropy(y_true, ops.cast(y_pred, "float32"), from_logits=True)
+        self.total.assign_add(ops.sum(nll) / math.log(2.0))
+        self.count.assign_add(ops.cast(ops.size(nll), "float32"))
+
+    def result(self):
+        return self.total / ops.maximum(self.count, 1.0)
+
+
+def sample_codes(logits, uniform, temperature=1.0):
+    """Draws codes from logits (B, K) by inverse CDF with given uniforms (B,).
+
+    Both samplers use this with the same pre-drawn uniforms, so they draw
+    the same codes from the same logits.
+    """
+    probs = tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
+    cdf = tf.cumsum(probs, axis=-1)
+    code = tf.reduce_sum(tf.cast(cdf < uniform[:, None] * cdf[:, -1:], tf.int32), axis=-1)
+    return tf.minimum(code, tf.shape(logits)[-1] - 1)
+
+
+def _condition_for(prior, batch, slice_index, label):
+    """Conditioning of a batch from scalars (one value for all) or (B,) vectors; -1 means none."""
+    slices = tf.broadcast_to(tf.cast(slice_index, tf.int32), (batch,))
+    labels = tf.broadcast_to(tf.cast(label, tf.int32), (batch,))
+    return prior.condition(slices, labels), slices, labels
+
+
+def sample_naive(prior, uniform, temperature=1.0, slice_index=-1, label=-1, positions=None):
+    """The reference sampler: one full forward pass of the prior per code position.
+
+    This is the keras.io method (compiled into one graph here): O(H*W)
+    passes over the whole grid.
+
+    Args:
+        prior: a `GatedPixelCNN`.
+        uniform: float32 (B, H, W) uniforms in [0, 1), one per position.
+        temperature: softmax temperature.
+        slice_index, label: conditioning values (-1 for unknown / none).
+        positions: sample only the first `positions` codes in raster order
+            (the rest stay 0), for timing large grids.
+
+    Returns:
+        int32 codes (B, H, W).
+    """
+    uniform = tf.convert_to_tensor(uniform, tf.float32)
+    batch, height, width = uniform.shape
+    total = height * width if positions is None else positions
+    _, slices, labels = _condition_for(prior, batch, slice_index, label)
+    rows = tf.range(height)[:, None] * width + tf.range(width)[None, :]
+
+    @tf.function
+    def run(uniform):
+        codes = tf.zeros((batch, height, width), tf.int32)
+        for t in tf.range(total):
+            logits = prior({"codes": codes, "slice": slices, "label": labels})
+            i, j = t // width, t % width
+            code = sample_codes(logits[:, i, j], uniform[:, i, j], temperature)
+            codes = tf.where((rows == t)[None], code[:, None, None], codes)
+        return codes
+
+    return run(uniform)
+
+
+def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=True):
+    """A compiled cached sampler for `prior` (Ramachandran et al. 2017).
+
+    Instead of recomputing the whole grid for every code, it keeps per-layer
+    state: for the horizontal stack, a sliding window of the last k//2 + 1
+    inputs of the current row; for the vertical stack, a window of the last
+    k//2 + 1 rows, advanced once per finished row, together with the
+    vertical-to-horizontal input of the next row. Each step computes only
+    what the new code changes, with the prior's own weights, so it draws
+    exactly the codes `sample_naive` draws from the same uniforms (up to
+    float rounding in the order of sums).
+
+    Returns:
+        A function `sample(uniform, slice_index=-1, label=-1) -> codes (B, H, W)`
+        taking float32 uniforms (B, H, W) and, for conditioning, a slice index
+        and a label, each a scalar for the whole batch or a (B,) vector.
+    """
+    k, half, c = prior.kernel_size, prior.kernel_size // 2 + 1, prior.filters
+    n_layers = prior.num_layers
+
+    def kernel(layer):
+        return tf.convert_to_tensor(layer.kernel), tf.convert_to_tensor(layer.bias)
+
+    def step_weights():
+        return {
+            "embed": tf.convert_to_tensor(prior.embed.embeddings),
+            "v": [kernel(layer) for layer in prior.v_convs],
+            "h": [(layer.kernel[0], layer.bias) for layer in prior.h_convs],  # (half, C, 2C)
+            "vh": [(layer.kernel[0, 0], layer.bias) for layer in prior.v_to_h],
+            "out": [(layer.kernel[0, 0], layer.bias) for layer in prior.h_outs],
+            "skip": [(layer.kernel[0, 0], layer.bias) for layer in prior.skips],
+            "head": [(layer.kernel[0, 0], layer.bias) for layer in prior.head],
+        }
+
+    @tf.function(jit_compile=jit_compile)
+    def run(uniform, slice_index, label):
+        w = step_weights()
+        cond, _, _ = _condition_for(prior, batch, slice_index, label)
+        cond_v = [prior.cond_v[i](cond) if cond is not None else 0.0 for i in range(n_layers)]
+        cond_h = [prior.cond_h[i](cond) if cond is not None else 0.0 for i in range(n_layers)]
+        # Vertical windows: per layer, the last `half` rows of its input, padded left/right by k//2.
+        v_windows = tf.zeros((n_layers, batch, half, width + 2 * (k // 2), c))
+        # Input of the horizontal stack from the row above: 1x1 conv of zeros for row 0.
+        v_to_h = tf.stack([tf.broadcast_to(b, (batch, width, 2 * c)) for _, b in w["vh"]])
+        rows = tf.TensorArray(tf.int32, size=height)
+        for i in tf.range(height):
+            h_windows = tf.zeros((n_layers, batch, half, c))
+            row = tf.TensorArray(tf.int32, size=width)
+            for j in tf.range(width):
+                windows = tf.unstack(h_windows)
+                vh_j = tf.gather(v_to_h, j, axis=2)  # (L, B, 2C)
+                skip, below, new_windows = 0.0, None, []
+                for layer in range(n_layers):
+                    window = windows[layer]
+                    if layer > 0:  # this layer's window ends at the current position's features
+                        window = tf.concat([window[:, 1:], below[:, None]], axis=1)
+                    kernel_h, bias_h = w["h"][layer]
+                    pre = tf.einsum("bkc,kcd->bd", window, kernel_h) + bias_h + cond_h[layer] + vh_j[layer]
+                    gated = _gate(pre)
+                    skip = skip + gated @ w["skip"][layer][0] + w["skip"][layer][1]
+                    if layer < n_layers - 1:
+                        out = gated @ w["out"][layer][0] + w["out"][layer][1]
+                        below = out + (window[:, -1] if layer > 0 else 0.0)
+                    new_windows.append(window)
+                hidden = tf.nn.relu(tf.nn.relu(skip) @ w["head"][0][0] + w["head"][0][1])
+                logits = hidden @ w["head"][1][0] + w["head"][1][1]
+                code = sample_codes(logits, uniform[:, i, j], temperature)
+                row = row.write(j, code)
+                # Layer 0 ("mask A") sees the codes strictly left of the next position.
+                new_windows[0] = tf.concat([new_windows[0][:, 1:], tf.gather(w["embed"], code)[:, None]], axis=1)
+                h_windows = tf.stack(new_windows)
+            codes_row = tf.transpose(row.stack())  # (B, W)
+            rows = rows.write(i, codes_row)
+            # The row is done: advance every layer's vertical window by it.
+            layer_input = tf.gather(w["embed"], codes_row)  # (B, W, C)
+            windows, new_v, new_vh = tf.unstack(v_windows), [], []
+            for layer in range(n_layers):
+                padded = tf.pad(layer_input, [[0, 0], [k // 2, k // 2], [0, 0]])
+                window = tf.concat([windows[layer][:, 1:], padded[:, None]], axis=1)
+                kernel_v, bias_v = w["v"][layer]
+                pre = tf.nn.conv2d(window, kernel_v, strides=1, padding="VALID")[:, 0] + bias_v
+                if cond is not None:
+                    pre = pre + cond_v[layer][:, None, :]
+                new_vh.append(tf.einsum("bwc,cd->bwd", pre, w["vh"][layer][0]) + w["vh"][layer][1])
+                layer_input = _gate(pre)
+                new_v.append(window)
+            v_windows, v_to_h = tf.stack(new_v), tf.stack(new_vh)
+        return tf.transpose(rows.stack(), (1, 0, 2))
+
+    def sample(uniform, slice_index=-1, label=-1):
+        vector = lambda value: tf.broadcast_to(tf.cast(value, tf.int32), (batch,))  # noqa: E731
+        return run(tf.convert_to_tensor(uniform, tf.float32), vector(slice_index), vector(label))
+
+    return sample

@@ -1,0 +1,180 @@
+"""The VQ-VAE's parts: quantizer maths, codebook learning, shapes, saving, and that training learns."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import dataset
+import modules
+
+
+def quantizer(k=3, d=2, **kwargs):
+    vq = modules.VectorQuantizer(num_codes=k, code_dim=d, **kwargs)
+    vq.build((None, d))
+    return vq
+
+
+def test_hand_set_codebook_gives_known_indices():
+    vq = quantizer(ema=False)
+    vq.codebook.assign(np.array([[0, 0], [1, 0], [0, 1]], np.float32))
+    z = np.array([[[0.9, 0.1], [0.1, 0.8], [0.0, 0.05], [0.6, 0.55]]], np.float32)  # (1, 4, 2)
+    quantized, indices = vq(z)
+    assert indices.numpy().tolist() == [[1, 2, 0, 1]]
+    np.testing.assert_allclose(quantized.numpy()[0, 1], [0, 1], atol=1e-6)
+
+
+def test_straight_through_gradient_reaches_the_input():
+    vq = quantizer(ema=False)
+    z = tf.constant(np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32))
+    weights = tf.constant(np.random.default_rng(1).normal(size=(5, 2)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        quantized, _ = vq(z)
+        out = tf.reduce_sum(quantized * weights)
+    np.testing.assert_allclose(tape.gradient(out, z).numpy(), weights.numpy(), atol=1e-6)  # identity
+
+
+def test_encoder_gets_gradients_in_a_vqvae():
+    model = modules.VQVAE(downsample=2, channels=8, res_channels=4, num_codes=8, code_dim=4, seed=0)
+    images = tf.random.uniform((2, 16, 16, 1), seed=1)
+    model.build(images.shape)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean((model(images, training=True) - images) ** 2)
+    grads = tape.gradient(loss, model.encoder.trainable_variables)
+    assert all(g is not None for g in grads)
+    assert sum(float(tf.reduce_sum(tf.abs(g))) for g in grads) > 0
+
+
+def test_one_ema_update_matches_numpy():
+    k, d, decay, eps = 4, 3, 0.9, 1e-5
+    vq = quantizer(k, d, decay=decay, epsilon=eps, dead_threshold=0.0)
+    rng = np.random.default_rng(0)
+    codebook = rng.normal(size=(k, d)).astype(np.float32)
+    counts = rng.uniform(1, 5, size=k).astype(np.float32)
+    sums = codebook * counts[:, None]
+    vq.codebook.assign(codebook)
+    vq.ema_counts.assign(counts)
+    vq.ema_sums.assign(sums)
+    vq.initialized.assign(1.0)
+    z = rng.normal(size=(20, d)).astype(np.float32)
+    _, indices = vq(z, training=True)
+
+    nearest = np.argmin(((z[:, None, :] - codebook[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(indices.numpy(), nearest)
+    onehot = np.eye(k, dtype=np.float32)[nearest]
+    new_counts = decay * counts + (1 - decay) * onehot.sum(0)
+    new_sums = decay * sums + (1 - decay) * onehot.T @ z
+    n = new_counts.sum()
+    smoothed = (new_counts + eps) / (n + k * eps) * n
+    np.testing.assert_allclose(vq.ema_counts.numpy(), new_counts, rtol=1e-5)
+    np.testing.assert_allclose(vq.ema_sums.numpy(), new_sums, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vq.codebook.numpy(), new_sums / smoothed[:, None], rtol=1e-4, atol=1e-6)
+
+
+def test_dead_codes_are_reseeded_from_encoder_outputs():
+    k, d = 8, 2
+    vq = quantizer(k, d, dead_threshold=0.5, seed=3)
+    z = np.random.default_rng(0).normal(size=(64, d)).astype(np.float32)
+    vq(z, training=True)  # first batch: every code is seeded from the batch
+    matches = (np.abs(vq.codebook.numpy()[:, None, :] - z[None]) < 1e-6).all(-1).any(1)
+    assert matches.all()
+    # Far away codes nobody picks: after enough steps they are restarted onto the data.
+    far = np.full((k, d), 100.0, np.float32)
+    far[0] = 0.0
+    vq.codebook.assign(far)
+    vq.ema_sums.assign(far * vq.ema_counts.numpy()[:, None])
+    for _ in range(60):
+        vq(z, training=True)
+    assert np.abs(vq.codebook.numpy()).max() < 10.0
+    assert len(np.unique(vq(z)[1].numpy())) > 1
+
+
+def test_ssim_agrees_with_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.random((64, 64)).astype(np.float32)
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1).astype(np.float32)
+    ours = float(modules.image_quality(a[None, ..., None], b[None, ..., None])[0][0])
+    reference = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False)
+    assert ours == pytest.approx(reference, abs=1e-3)
+
+
+def test_perplexity_of_a_uniform_assignment_equals_k():
+    usage = modules.CodebookUsage(16)
+    usage.update_state(np.tile(np.arange(16), 5))
+    result = usage.result()
+    assert float(result["perplexity"]) == pytest.approx(16.0, rel=1e-5)
+    assert float(result["codes_used"]) == 1.0
+    usage.reset_state()
+    usage.update_state(np.zeros(10, np.int32))
+    assert float(usage.result()["perplexity"]) == pytest.approx(1.0)
+    assert float(usage.result()["codes_used"]) == pytest.approx(1 / 16)
+
+
+@pytest.mark.parametrize("downsample,grid", [(2, 32), (4, 16), (8, 8)])
+def test_shapes_for_each_downsampling_factor(downsample, grid):
+    model = modules.VQVAE(downsample=downsample, channels=8, res_channels=4, num_codes=8, code_dim=4)
+    images = tf.random.uniform((2, 64, 64, 1))
+    model.build(images.shape)
+    codes = model.encode(images)
+    assert codes.shape == (2, grid, grid) and codes.dtype == tf.int32
+    assert model.decode(codes).shape == (2, 64, 64, 1)
+    assert model(images).shape == (2, 64, 64, 1)
+
+
+def test_bad_arguments_say_what_was_received():
+    with pytest.raises(ValueError, match="Received: downsample=3"):
+        modules.VQVAE(downsample=3)
+    with pytest.raises(ValueError, match="Received: input_shape"):
+        modules.VectorQuantizer(num_codes=4, code_dim=3).build((None, 5))
+    with pytest.raises(ValueError, match="Received: codebook='kmeans'"):
+        modules.VQVAE(codebook="kmeans")
+
+
+def test_quantizer_config_round_trips():
+    vq = modules.VectorQuantizer(num_codes=7, code_dim=3, beta=0.3, ema=False, decay=0.9, seed=5, name="q")
+    again = modules.VectorQuantizer.from_config(vq.get_config())
+    assert again.get_config() == vq.get_config()
+
+
+def tiny_phantoms(tmp_path, size=32):
+    root = dataset.ensure_phantoms(tmp_path, subjects=(4, 1, 1), n_slices=16, size=size, verbose=False)
+    return dataset.load_source(root)
+
+
+def test_save_load_round_trip_and_encode_decode(tmp_path):
+    source = tiny_phantoms(tmp_path)
+    images = next(iter(dataset.make_dataset(source.splits["train"], image_size=32, batch_size=8)))
+    model = modules.VQVAE(downsample=4, channels=16, res_channels=8, num_codes=16, code_dim=8, seed=0)
+    model.build(images.shape)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(images, epochs=2, batch_size=8, verbose=0)  # EMA state and codebook move off their init
+    path = tmp_path / "vqvae.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert isinstance(loaded, modules.VQVAE) and loaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(loaded.encode(images).numpy(), model.encode(images).numpy())
+    np.testing.assert_allclose(loaded.reconstruct(images).numpy(), model.reconstruct(images).numpy(), atol=1e-6)
+    np.testing.assert_allclose(loaded.quantizer.ema_counts.numpy(), model.quantizer.ema_counts.numpy())
+    # The round trip through codes is the model's reconstruction.
+    np.testing.assert_allclose(model.decode(model.encode(images)).numpy(), model.reconstruct(images).numpy(),
+                               atol=1e-5)
+
+
+def test_short_training_on_tiny_phantoms_raises_ssim(tmp_path):
+    keras.utils.set_random_seed(0)
+    source = tiny_phantoms(tmp_path)
+    train = dataset.make_dataset(source.splits["train"], image_size=32, batch_size=8, shuffle=True, repeat=True,
+                                 drop_remainder=True)
+    val = dataset.make_dataset(source.splits["validate"], image_size=32, batch_size=8)
+    model = modules.VQVAE(downsample=4, channels=32, res_channels=16, num_codes=64, code_dim=16, seed=0)
+    model.build((None, 32, 32, 1))
+    model.compile(optimizer=keras.optimizers.Adam(2e-3))
+    before = model.evaluate(val, verbose=0, return_dict=True)["ssim"]
+    model.fit(train, epochs=10, steps_per_epoch=8, verbose=0, shuffle=False)
+    after = model.evaluate(val, verbose=0, return_dict=True)
+    assert after["ssim"] > before + 0.35 and after["ssim"] > 0.5
+    assert after["codes_used"] > 0.2 and after["perplexity"] > 5

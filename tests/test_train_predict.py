@@ -1,0 +1,213 @@
+"""train.py and predict.py as a user runs them, on tiny data: the real loop, end to end."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO, make_oasis_tree, run_cli
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8", "--codes", "32",
+        "--code-dim", "8", "--verbose", "2"]
+
+
+def last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_oasis_tree(tmp_path_factory.mktemp("data"), subjects=(4, 2, 2), slices=8, size=(32, 32))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run1"
+    result = run_cli(REPO / "train.py", "--model", "vqvae", "--data", tiny_data, "--run", run, "--epochs", "2",
+                     "--seed", "3", "--json", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, last_json(result.stdout), result
+
+
+def test_training_writes_the_whole_run_folder(trained_run):
+    run, summary, result = trained_run
+    assert 0.0 < summary["val_ssim"] <= 1.0 and summary["epochs"] == 2 and summary["seconds"] > 0
+    assert summary["checkpoint"] == str(run / "vqvae_best.keras")
+    for name in ("vqvae_best.keras", "vqvae_last.keras", "vqvae_config.json", "vqvae_history.csv",
+                 "vqvae_curves.png", "vqvae_recon_epoch001.png", "vqvae_recon_epoch002.png", "vqvae_summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "logs" / "vqvae").is_dir()  # TensorBoard
+    assert not (run / "vqvae_backup").exists()  # removed once training finished
+    config = json.loads((run / "vqvae_config.json").read_text())
+    assert config["vqvae"]["num_codes"] == 32 and config["image_size"] == 32
+    summary_line = [line for line in result.stdout.splitlines() if line.startswith("vqvae: 2 epochs")]
+    assert summary_line and "validation SSIM" in summary_line[0] and "perplexity" in summary_line[0]
+
+
+def test_a_finished_run_is_never_overwritten(trained_run, tiny_data):
+    run, _, _ = trained_run
+    stamp = (run / "vqvae_best.keras").stat().st_mtime_ns
+    result = run_cli(REPO / "train.py", "--data", tiny_data, "--run", run, *TINY)
+    assert result.returncode == 2 and "already holds a trained VQ-VAE" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (run / "vqvae_best.keras").stat().st_mtime_ns == stamp
+
+
+def test_predict_reports_every_image_of_the_split(trained_run, tiny_data, tmp_path):
+    run, _, _ = trained_run
+    codes = tmp_path / "codes.npz"
+    result = run_cli(REPO / "predict.py", "--run", run, "--json", "--export-codes", codes)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json(result.stdout)
+    assert summary["n_images"] == 16 and summary["split"] == "test"
+    with open(summary["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    ssim = np.array([float(r["ssim"]) for r in rows])
+    assert len(rows) == 16
+    assert summary["ssim_mean"] == pytest.approx(ssim.mean(), abs=1e-5)
+    assert summary["ssim_std"] == pytest.approx(ssim.std(), abs=1e-5)
+    assert 0 < summary["ssim_mean"] <= 1 and summary["psnr_mean"] > 0
+    saved = np.load(codes)
+    assert saved["codes"].shape == (16, 8, 8) and saved["codes"].max() < 32
+    assert sorted(set(saved["slices"].tolist())) == list(range(8))
+    result = run_cli(REPO / "predict.py", "--run", run, "--split", "all", "--data", tiny_data, "--json")
+    assert result.returncode == 0 and last_json(result.stdout)["n_images"] == 64
+
+
+def test_unreadable_or_mismatched_checkpoints_give_one_line(tmp_path):
+    missing = run_cli(REPO / "predict.py", "--run", tmp_path / "nothing")
+    assert missing.returncode == 2 and "no trained VQ-VAE" in missing.stderr and "Traceback" not in missing.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "vqvae_best.keras").write_bytes(b"PK\x03\x04 truncated zip")
+    result = run_cli(REPO / "predict.py", "--run", broken)
+    assert result.returncode == 2 and "cannot read checkpoint" in result.stderr
+    assert str(broken / "vqvae_best.keras") in result.stderr and "Traceback" not in result.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]).save(other / "vqvae_best.keras")
+    result = run_cli(REPO / "predict.py", "--run", other)
+    assert result.returncode == 2 and "not a VQ-VAE" in result.stderr
+
+
+@pytest.mark.skipif(bool(__import__("tensorflow").config.list_physical_devices("GPU")),
+                    reason="bit-exact training is promised on CPU only")
+def test_same_seed_same_training(tiny_data, tmp_path, trained_run):
+    _, first, _ = trained_run
+    result = run_cli(REPO / "train.py", "--data", tiny_data, "--run", tmp_path / "again", "--epochs", "2",
+                     "--seed", "3", "--json", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = last_json(result.stdout)
+    assert again["val_ssim"] == first["val_ssim"]
+    a = keras.models.load_model(first["checkpoint"]).get_weights()
+    b = keras.models.load_model(again["checkpoint"]).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def kill_after_epoch(command, metadata, epoch):
+    """Starts a training run and SIGKILLs it once its backup records `epoch` finished epochs."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and process.poll() is None:
+            try:
+                if json.loads(metadata.read_text())["epoch"] >= epoch:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return json.loads(metadata.read_text())["epoch"]
+
+
+def test_an_interrupted_run_resumes_from_its_backup_even_twice(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--run", str(run), "--epochs", "8", "--backup-every", "1", "--json", *TINY]
+    command = [sys.executable, str(REPO / "train.py"), *args]
+    metadata = run / "vqvae_backup" / "training_metadata.json"
+    first = kill_after_epoch(command, metadata, 2)
+    assert 2 <= first < 8, "the run finished before it could be interrupted"
+    second = kill_after_epoch(command, metadata, first + 2)  # the resumed run is killed too
+    assert first + 2 <= second < 8
+    result = run_cli(REPO / "train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming the interrupted run" in result.stdout
+    assert f"Epoch {second + 1}/8" in result.stdout and "Epoch 1/8" not in result.stdout
+    summary = last_json(result.stdout)
+    assert summary["epochs"] == 8
+    with open(run / "vqvae_history.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs[-1] == 7 and len(epochs) == len(set(epochs))  # no epoch logged twice
+    assert not (run / "vqvae_backup").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
+    # Images of NaN make the very first loss NaN; run in a fresh process like a user would.
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import dataset, train\n"
+        "dataset.fit_image = lambda image, size, fit='pad': tf.fill((size, size, 1), np.nan)\n"
+        "sys.exit(train.main(sys.argv[1:]))\n"
+    )
+    run = tmp_path / "nan"
+    result = run_cli("-c", script, "--data", tiny_data, "--run", run, "--epochs", "2", *TINY)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss became NaN at epoch 1, step 1" in errors[0] and "Lower --lr" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert (run / "vqvae_config.json").is_file()  # what was written is kept
+    assert not (run / "vqvae_last.keras").exists()  # and no NaN model was saved as a checkpoint
+
+
+def test_bad_flags_are_refused_in_one_line(tiny_data):
+    for flags, message in ((["--batch-size", "0"], "--batch-size must be at least 1"),
+                           (["--downsample", "6"], "--downsample must be a power of two"),
+                           (["--image-size", "8"], "--image-size must be at least 32"),
+                           (["--decay", "1"], "--decay must be in [0, 1)")):
+        result = run_cli(REPO / "train.py", "--data", tiny_data, *flags)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_explains_every_flag():
+    for script, flags in (("train.py", ("--data", "--run", "--epochs", "--batch-size", "--image-size", "--limit",
+                                        "--seed", "--downsample", "--codes", "--code-dim", "--lr", "--smoke",
+                                        "--json")),
+                          ("predict.py", ("--run", "--data", "--split", "--limit", "--export-codes", "--json"))):
+        result = run_cli(REPO / script, "--help")
+        assert result.returncode == 0
+        for flag in flags:
+            assert flag in result.stdout, (script, flag)
+
+
+def test_prior_trains_in_the_run_and_generates_new_slices(trained_run, tmp_path):
+    run, _, _ = trained_run
+    result = run_cli(REPO / "train.py", "--model", "pixelcnn", "--run", run, "--epochs", "2", "--filters", "8",
+                     "--layers", "2", "--skip-filters", "16", "--batch-size", "8", "--verbose", "2", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json(result.stdout)
+    assert summary["epochs"] == 2 and summary["grid"] == [8, 8] and summary["num_slices"] == 8
+    assert 0 < summary["val_bits_per_code"] < summary["uniform_bits_per_code"] + 1
+    for name in ("pixelcnn_best.keras", "pixelcnn_last.keras", "pixelcnn_config.json", "pixelcnn_history.csv",
+                 "pixelcnn_curves.png", "pixelcnn_samples_epoch002.png", "codes_cache.npz"):
+        assert (run / name).is_file(), name
+    out = tmp_path / "gen"
+    result = run_cli(REPO / "predict.py", "--run", run, "--generate", "3", "--slice", "4", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json(result.stdout)
+    assert summary["n_generated"] == 3 and summary["slice"] == 4 and summary["samples_per_s"] > 0
+    assert 0 < summary["nearest_train_ssim_mean"] <= 1 and 0 < summary["test_nearest_train_ssim_mean"] <= 1
+    assert sorted(p.name for p in out.glob("generated_*.png")) == [f"generated_{i:04d}.png" for i in range(3)]
+    assert (out / "generated.png").is_file() and (out / "nearest_train.csv").is_file()
+    result = run_cli(REPO / "predict.py", "--run", run, "--generate", "2", "--slice", "40")
+    assert result.returncode == 2 and "--slice must be in 0..7" in result.stderr

@@ -1,0 +1,699 @@
+"""Train the VQ-VAE on brain MRI slices.
+
+    python train.py --model vqvae                      # built-in phantoms, CPU demo defaults
+    python train.py --model vqvae --data PATH --epochs 30
+
+Everything a run writes goes to its run folder (default runs/vqvae-<time>,
+linked as runs/latest): the config next to the weights, best and last
+checkpoints (.keras, written atomically), a mid-epoch backup that an
+interrupted run resumes from, CSV and TensorBoard logs, a reconstruction grid
+per epoch and the training curves.
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dataset
+import modules
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+RUNS = Path("runs")
+NAMES = {"vqvae": "VQ-VAE", "pixelcnn": "PixelCNN prior"}
+# The phantom demo trains smaller and shorter so it finishes in minutes on a CPU.
+DEMO = {"image_size": 128, "epochs": 12, "prior_epochs": 15}
+REAL = {"image_size": 256, "epochs": 30, "prior_epochs": 40}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on, said in one line with the fix."""
+
+
+# ---------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------
+
+
+def atomic_save(model, path):
+    """Saves `model` to `path` (.keras) via a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Writes `last` every epoch and `best` when `monitor` improves, each atomically."""
+
+    def __init__(self, last, best, monitor="val_ssim", mode="max"):
+        super().__init__()
+        self.last, self.best, self.monitor, self.mode = Path(last), Path(best), monitor, mode
+        self.best_value = None
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not finite_loss(logs):  # keep the last good checkpoint
+            return
+        atomic_save(self.model, self.last)
+        value = logs.get(self.monitor)
+        if value is None or not math.isfinite(value):
+            return
+        better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
+        if better:
+            self.best_value, self.best_epoch = float(value), epoch + 1
+            atomic_save(self.model, self.best)
+
+
+def finite_loss(logs):
+    loss = (logs or {}).get("loss")
+    return loss is None or math.isfinite(float(loss))
+
+
+class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that never overwrites a good backup with a NaN state,
+    and that labels backups taken in a resumed epoch with that epoch.
+
+    Like Keras's own, a run resumed from a mid-epoch backup restarts that
+    epoch from its first batch, with the weights and optimizer state of the
+    backup.
+    """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._current_epoch = getattr(self.model, "_initial_epoch", None) or 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if finite_loss(logs):
+            super().on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if finite_loss(logs):
+            super().on_epoch_end(epoch, logs)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops at the first non-finite loss and remembers where, for a clear message."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not finite_loss(logs) and self.where is None:
+            self.where = (self.epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+
+class ReconstructionGrid(keras.callbacks.Callback):
+    """Draws originals, reconstructions and |error| of fixed validation images each epoch."""
+
+    def __init__(self, images, folder, prefix="vqvae_recon"):
+        super().__init__()
+        self.images, self.folder, self.prefix = images, Path(folder), prefix
+
+    def on_epoch_end(self, epoch, logs=None):
+        path = self.folder / f"{self.prefix}_epoch{epoch + 1:03d}.png"
+        ssim = (logs or {}).get("val_ssim")
+        title = f"epoch {epoch + 1}" + (f", validation SSIM {ssim:.4f}" if ssim is not None else "")
+        save_comparison(self.images, self.model.reconstruct(self.images).numpy(), path, title)
+
+
+def save_comparison(images, reconstructions, path, title=""):
+    """Rows: originals, reconstructions, absolute error (x4 for visibility)."""
+    error = np.clip(np.abs(images - reconstructions) * 4.0, 0.0, 1.0)
+    n = len(images)
+    ssim = modules.image_quality(images, reconstructions)[0].numpy()
+    titles = ["original"] * n + [f"SSIM {s:.3f}" for s in ssim] + ["|error| x4"] * n
+    return dataset.save_grid(np.concatenate([images, reconstructions, error]), path, titles=titles,
+                             suptitle=title, columns=n)
+
+
+def save_curves(history_csv, path, keys=("loss", "ssim", "perplexity", "codes_used")):
+    """Training and validation curves from the CSV log, one panel per key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(history_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + key in rows[0]:
+                ax.plot(epochs, [float(r[prefix + key]) for r in rows], style, label=(prefix or "train_") + key)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------
+# Run folder
+# ---------------------------------------------------------------------------
+
+
+def new_run_dir(kind):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = RUNS / f"{kind}-{stamp}"
+    k = 1
+    while run.exists():
+        k += 1
+        run = RUNS / f"{kind}-{stamp}-{k}"
+    return run
+
+
+def link_latest(run):
+    """Points runs/latest at `run` (a relative symlink, replaced atomically)."""
+    latest = RUNS / "latest"
+    if Path(run).resolve().parent != RUNS.resolve():
+        return
+    tmp = RUNS / f".latest-{os.getpid()}"
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        os.symlink(Path(run).name, tmp)
+        os.replace(tmp, latest)
+    except OSError:  # no symlinks here (some file systems): leave it
+        pass
+
+
+def prepare_run(run, overwrite, kind="vqvae"):
+    """Creates or reopens a run folder for `kind` ("vqvae" or "pixelcnn"). Returns (run, resuming).
+
+    An interrupted model (a backup is present) is resumed; a finished one is
+    kept unless `overwrite`; leftovers of a run that died before its first
+    backup are cleared so they cannot leak into the new run.
+    """
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise TrainingError(f"--run {run} is a file. Pass a folder for the run.")
+    backup = run / f"{kind}_backup" / "training_metadata.json"
+    if (run / f"{kind}_summary.json").is_file() and not overwrite:
+        raise TrainingError(f"run folder {run} already holds a trained {NAMES[kind]}. Pass another --run, or "
+                            "--overwrite to replace it.")
+    if backup.is_file() and not overwrite:
+        return run, True
+    for name in [*run.glob(f"{kind}_*"), run / "logs" / kind]:
+        if name.is_dir():
+            shutil.rmtree(name)
+        elif name.exists():
+            name.unlink()
+    run.mkdir(parents=True, exist_ok=True)
+    return run, False
+
+
+def read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"cannot read the {what} {path} ({err}). Delete the run folder or pass another --run.") \
+            from None
+
+
+def history_rows(path, monitor="val_ssim"):
+    """Rows of the CSV log with a finite `monitor` value (none if there is no log)."""
+    if not Path(path).is_file():
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if math.isfinite(float(r.get(monitor) or "nan"))]
+
+
+def fit_in_run(model, kind, run, train_ds, val_ds, *, steps, epochs, resuming, monitor, mode, grid, args):
+    """Fits `model` with the run folder's callbacks; returns the CSV rows with a finite `monitor`.
+
+    Callbacks: NaN guard, mid-epoch backup (resume), best/last checkpoints
+    written atomically, CSV and TensorBoard logs, and `grid` (a per-epoch
+    figure). Ends with the training curves.
+    """
+    history_csv = run / f"{kind}_history.csv"
+    checkpoint = AtomicCheckpoint(run / f"{kind}_last.keras", run / f"{kind}_best.keras", monitor=monitor, mode=mode)
+    earlier = [float(r[monitor]) for r in history_rows(history_csv, monitor)] if resuming else []
+    if earlier:  # a resumed run only replaces the best checkpoint with a better one
+        checkpoint.best_value = max(earlier) if mode == "max" else min(earlier)
+    nan_guard = StopOnNaN()
+    callbacks = [
+        nan_guard,
+        SafeBackupAndRestore(run / f"{kind}_backup", save_freq=max(1, min(steps, args.backup_every)),
+                             double_checkpoint=True),
+        checkpoint,
+        keras.callbacks.CSVLogger(history_csv, append=resuming),
+        keras.callbacks.TensorBoard(run / "logs" / kind, write_graph=False, profile_batch=0),
+        grid,
+    ]
+    model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks,
+              verbose=args.verbose, shuffle=False)
+    if nan_guard.where is not None:
+        epoch, batch = nan_guard.where
+        last = run / f"{kind}_last.keras"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no epoch had finished"
+        raise TrainingError(f"the loss became NaN at epoch {epoch}, step {batch}; training stopped and {kept}. "
+                            f"Lower --lr (now {args.lr}) and run again with a new --run.")
+    keys = ("loss", "ssim", "perplexity", "codes_used") if kind == "vqvae" else ("loss", "bits_per_code")
+    save_curves(history_csv, run / f"{kind}_curves.png", keys)
+    rows = history_rows(history_csv, monitor)
+    if not rows:
+        raise TrainingError(f"no epoch finished with a finite {monitor}; see {history_csv}.")
+    return rows
+
+
+def backup_epoch(run, kind):
+    """The epoch an interrupted run's backup resumes at."""
+    return read_json(run / f"{kind}_backup" / "training_metadata.json", "backup")["epoch"]
+
+
+def configure(seed):
+    """Seeds every generator; on CPU also makes TensorFlow's kernels deterministic."""
+    keras.utils.set_random_seed(seed)
+    if not tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.enable_op_determinism()
+
+
+def limit_split(split, limit, seed):
+    """At most `limit` files of a split, a seeded random subset (kept in file order)."""
+    if limit is None or limit >= len(split):
+        return split
+    keep = np.sort(np.random.default_rng(seed).permutation(len(split))[:limit])
+    return split.take(keep)
+
+
+# ---------------------------------------------------------------------------
+# VQ-VAE training
+# ---------------------------------------------------------------------------
+
+
+def vqvae_config(args, source):
+    """The run's configuration: every flag that shapes the model and its data."""
+    return {
+        "model": "vqvae",
+        "data": str(source.root), "source": source.kind, "fit": args.fit, "seed": args.seed,
+        "limit": args.limit, "image_size": args.image_size, "batch_size": args.batch_size,
+        "epochs": args.epochs, "learning_rate": args.lr,
+        "vqvae": {"downsample": args.downsample, "channels": args.channels, "res_blocks": args.res_blocks,
+                  "res_channels": args.res_channels, "num_codes": args.codes, "code_dim": args.code_dim,
+                  "beta": args.beta, "codebook": args.codebook, "decay": args.decay, "seed": args.seed},
+        "counts": source.counts(),
+    }
+
+
+def write_json(path, payload):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def train_vqvae(args, log=print):
+    """Trains a VQ-VAE as `args` say; returns the summary dict."""
+    start = time.perf_counter()
+    run = Path(args.run) if args.run else new_run_dir("vqvae")
+    run, resuming = prepare_run(run, args.overwrite)
+    config_path = run / "vqvae_config.json"
+    if resuming:  # the saved config wins over the flags, data and split included
+        config = read_json(config_path, "run config")
+        args.data = None if config["source"] == "phantoms" else config["data"]
+        args.image_size, args.batch_size, args.epochs = config["image_size"], config["batch_size"], config["epochs"]
+        args.lr, args.limit, args.fit, args.seed = config["learning_rate"], config["limit"], config["fit"], config["seed"]
+        args.downsample = config["vqvae"]["downsample"]
+        log(f"resuming the interrupted run in {run} (its saved config wins over the flags)")
+    source = dataset.load_source(args.data, seed=args.seed, on_bad="skip" if args.skip_bad else "error")
+    demo = DEMO if source.kind == "phantoms" else REAL
+    args.image_size = args.image_size or demo["image_size"]
+    args.epochs = args.epochs or demo["epochs"]
+    args.batch_size = args.batch_size or 16
+    if args.smoke:
+        args.image_size, args.epochs, args.limit = min(args.image_size, 64), 1, min(args.limit or 64, 64)
+    for note in source.notes:
+        log(f"note: {note}")
+    configure(args.seed)
+    train = limit_split(source.splits["train"], args.limit, args.seed)
+    val = limit_split(source.splits["validate"], args.limit, args.seed)
+    if len(train) < args.batch_size:
+        raise TrainingError(f"the train split has {len(train)} images, fewer than --batch-size {args.batch_size}. "
+                            "Lower --batch-size or raise --limit.")
+    if args.image_size % args.downsample:
+        raise TrainingError(f"--image-size {args.image_size} is not a multiple of --downsample {args.downsample}.")
+    if resuming:
+        hyper = config["vqvae"]
+    else:
+        config = vqvae_config(args, source)
+        config["counts"] = {"train": len(train), "validate": len(val), "test": config["counts"]["test"]}
+        hyper = config["vqvae"]
+        write_json(config_path, config)
+
+    model = modules.VQVAE(**hyper)
+    model.build((None, args.image_size, args.image_size, 1))
+    model.compile(optimizer=keras.optimizers.Adam(args.lr))
+    steps = len(train) // args.batch_size
+    first_epoch = backup_epoch(run, "vqvae") if resuming else 0
+    train_ds = dataset.make_dataset(train, image_size=args.image_size, batch_size=args.batch_size, shuffle=True,
+                                    seed=args.seed, first_epoch=first_epoch, repeat=True, fit=args.fit,
+                                    drop_remainder=True)
+    val_ds = dataset.make_dataset(val, image_size=args.image_size, batch_size=args.batch_size, fit=args.fit)
+    grid_images = next(iter(dataset.make_dataset(val, image_size=args.image_size, batch_size=8, fit=args.fit))).numpy()
+
+    log(f"vqvae: {source.kind} data, train {len(train)} / validate {len(val)} images at {args.image_size} px, "
+        f"{args.image_size // args.downsample}x{args.image_size // args.downsample} codes of K={hyper['num_codes']}, "
+        f"{model.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run}")
+    rows = fit_in_run(model, "vqvae", run, train_ds, val_ds, steps=steps, epochs=args.epochs, resuming=resuming,
+                      monitor="val_ssim", mode="max", grid=ReconstructionGrid(grid_images, run), args=args)
+    best_row = max(rows, key=lambda r: float(r["val_ssim"]))
+    summary = {
+        "model": "vqvae", "run": str(run), "source": source.kind,
+        "epochs": int(rows[-1]["epoch"]) + 1, "seconds": round(time.perf_counter() - start, 1),
+        "val_ssim": float(best_row["val_ssim"]), "val_psnr": float(best_row["val_psnr"]),
+        "best_epoch": int(best_row["epoch"]) + 1,
+        "perplexity": float(best_row["val_perplexity"]), "codes_used": float(best_row["val_codes_used"]),
+        "checkpoint": str(run / "vqvae_best.keras"), "image_size": args.image_size,
+        "train_images": len(train), "validate_images": len(val),
+    }
+    write_json(run / "vqvae_summary.json", summary)
+    link_latest(run)
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# PixelCNN prior training
+# ---------------------------------------------------------------------------
+
+
+def load_run_vqvae(run):
+    """The run's trained VQ-VAE (safe mode) and its config."""
+    path = Path(run) / "vqvae_best.keras"
+    if not path.is_file():
+        raise TrainingError(f"no trained VQ-VAE in {run} (no vqvae_best.keras). Train one first with "
+                            "`python train.py --model vqvae`, or pass its run folder with --run.")
+    config = read_json(Path(run) / "vqvae_config.json", "VQ-VAE config")
+    try:
+        model = keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:  # Keras raises many kinds for a bad file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise TrainingError(f"cannot read checkpoint {path} ({reason}). Retrain the VQ-VAE.") from None
+    if not isinstance(model, modules.VQVAE):
+        raise TrainingError(f"checkpoint {path} holds a {type(model).__name__}, not a VQ-VAE.")
+    return model, config
+
+
+def file_digest(path):
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encode_split(vqvae, split, image_size, fit, batch_size=32, label=""):
+    """Code indices (N, h, w) uint16 of every image of `split`, streamed in batches."""
+    ds = dataset.make_dataset(split, image_size=image_size, batch_size=batch_size, fit=fit)
+    encode = tf.function(vqvae.encode, reduce_retracing=True)
+    bar = keras.utils.Progbar(len(split), unit_name="image", interval=0.5)
+    codes = []
+    for images in ds:
+        codes.append(encode(images).numpy().astype(np.uint16))
+        bar.add(len(images))
+    return np.concatenate(codes)
+
+
+def cached_codes(run, vqvae, vq_config, splits, log=print):
+    """Codes of the train and validate splits, encoded once and cached in the run folder.
+
+    The cache is keyed by the VQ-VAE checkpoint's content and the files of
+    the splits, so it is rebuilt whenever either changes.
+    """
+    key = hashlib.sha1(json.dumps({
+        "vqvae": file_digest(Path(run) / "vqvae_best.keras"),
+        "files": {name: split.paths for name, split in splits.items()},
+        "image_size": vq_config["image_size"], "fit": vq_config["fit"],
+    }, sort_keys=True).encode()).hexdigest()
+    path = Path(run) / "codes_cache.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as cache:
+                if str(cache["key"]) == key:
+                    return {name: cache[name] for name in splits}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: rebuild it
+    codes = {}
+    for name, split in splits.items():
+        log(f"encoding the {name} split ({len(split)} images) with the VQ-VAE, once")
+        codes[name] = encode_split(vqvae, split, vq_config["image_size"], vq_config["fit"])
+    tmp = path.with_name(f".codes_cache.tmp-{os.getpid()}.npz")
+    np.savez(tmp, key=np.array(key), **codes)
+    os.replace(tmp, path)
+    return codes
+
+
+def code_dataset(codes, split, batch_size, *, shuffle, seed=0, first_epoch=0, repeat=False):
+    """(inputs, targets) batches of code grids with their slice and label, for `fit`."""
+    n = len(codes)
+    table = (tf.constant(codes.astype(np.int32)), tf.constant(split.slices, tf.int32),
+             tf.constant(split.labels, tf.int32))
+    ds = dataset.index_stream(n, batch_size, shuffle=shuffle, seed=seed, first_epoch=first_epoch, repeat=repeat,
+                              drop_remainder=repeat)
+    if not repeat:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(n))
+    ds = ds.map(lambda i: ({"codes": table[0][i], "slice": table[1][i], "label": table[2][i]}, table[0][i]))
+    return ds.batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
+
+
+class SampleGrid(keras.callbacks.Callback):
+    """Samples new slices with the prior each epoch (fast sampler), decodes them, draws a grid."""
+
+    def __init__(self, vqvae, grid_shape, folder, slices=None, labels=None, seed=0, n=8):
+        super().__init__()
+        self.vqvae, self.grid_shape, self.folder, self.n = vqvae, grid_shape, Path(folder), n
+        self.slices = -1 if slices is None else slices
+        self.labels = -1 if labels is None else labels
+        self.uniform = tf.random.stateless_uniform((n, *grid_shape), seed=[seed, 1])
+        self.sampler = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.sampler is None:
+            self.sampler = modules.make_fast_sampler(self.model, self.n, *self.grid_shape)
+        codes = self.sampler(self.uniform, self.slices, self.labels)
+        images = self.vqvae.decode(codes).numpy()
+        bits = (logs or {}).get("val_bits_per_code")
+        title = f"epoch {epoch + 1}" + (f", validation {bits:.3f} bits per code" if bits is not None else "")
+        titles = [f"slice {s}" for s in np.broadcast_to(self.slices, (self.n,))] if np.any(
+            np.asarray(self.slices) >= 0) else None
+        dataset.save_grid(images, self.folder / f"pixelcnn_samples_epoch{epoch + 1:03d}.png", titles=titles,
+                          suptitle=title)
+
+
+def conditioning(mode, source, splits):
+    """Slice and class counts to condition on, from `--condition` and what the data carry."""
+    has_slices = all((s.slices >= 0).any() for s in splits.values())
+    num_slices = int(max(s.slices.max() for s in splits.values())) + 1 if has_slices else 0
+    num_classes = len(source.class_names)
+    use_slice = mode in ("slice", "both") or (mode == "auto" and has_slices)
+    use_label = mode in ("label", "both") or (mode == "auto" and num_classes > 0)
+    if use_slice and not has_slices:
+        raise TrainingError("--condition slice needs slice indices in the file names (OASIS case_X_slice_Y); "
+                            "these files carry none. Use --condition none or label.")
+    if use_label and not num_classes:
+        raise TrainingError("--condition label needs class sub-folders; this data has none. Use --condition none.")
+    return (num_slices if use_slice else 0), (num_classes if use_label else 0)
+
+
+def train_pixelcnn(args, log=print):
+    """Trains the gated PixelCNN prior over the codes of the run's VQ-VAE; returns the summary dict."""
+    start = time.perf_counter()
+    run = Path(args.run or RUNS / "latest")
+    vqvae, vq_config = load_run_vqvae(run)
+    run, resuming = prepare_run(run, args.overwrite, "pixelcnn")
+    config_path = run / "pixelcnn_config.json"
+    if resuming:
+        config = read_json(config_path, "run config")
+        args.batch_size, args.epochs, args.lr, args.seed = (config["batch_size"], config["epochs"],
+                                                            config["learning_rate"], config["seed"])
+        args.limit = config["limit"]
+        log(f"resuming the interrupted prior in {run} (its saved config wins over the flags)")
+    data = None if vq_config["source"] == "phantoms" else vq_config["data"]
+    source = dataset.load_source(data, seed=vq_config["seed"], on_bad="skip" if args.skip_bad else "error")
+    args.epochs = args.epochs or (DEMO if source.kind == "phantoms" else REAL)["prior_epochs"]
+    args.batch_size = args.batch_size or 32
+    if args.smoke:
+        args.epochs, args.limit = 1, min(args.limit or 64, 64)
+    configure(args.seed)
+    splits = {name: limit_split(source.splits[name], vq_config["limit"], vq_config["seed"])
+              for name in ("train", "validate")}
+    splits = {name: limit_split(split, args.limit, args.seed) for name, split in splits.items()}
+    if len(splits["train"]) < args.batch_size:
+        raise TrainingError(f"the train split has {len(splits['train'])} images, fewer than --batch-size "
+                            f"{args.batch_size}. Lower --batch-size or raise --limit.")
+    codes = cached_codes(run, vqvae, vq_config, splits, log)
+    if resuming:
+        hyper = config["pixelcnn"]
+    else:
+        num_slices, num_classes = conditioning(args.condition, source, splits)
+        hyper = {"num_codes": vqvae.num_codes, "filters": args.filters, "layers": args.layers,
+                 "kernel_size": args.kernel_size, "skip_filters": args.skip_filters, "num_slices": num_slices,
+                 "num_classes": num_classes}
+        config = {"model": "pixelcnn", "batch_size": args.batch_size, "epochs": args.epochs,
+                  "learning_rate": args.lr, "seed": args.seed, "limit": args.limit, "pixelcnn": hyper,
+                  "grid": list(codes["train"].shape[1:]), "class_names": source.class_names,
+                  "counts": {name: len(c) for name, c in codes.items()}}
+        write_json(config_path, config)
+
+    prior = modules.GatedPixelCNN(**hyper)
+    grid_shape = tuple(codes["train"].shape[1:])
+    prior({"codes": tf.zeros((1, *grid_shape), tf.int32), "slice": tf.zeros((1,), tf.int32),
+           "label": tf.zeros((1,), tf.int32)})
+    prior.compile(optimizer=keras.optimizers.Adam(args.lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[modules.BitsPerCode()])
+    steps = len(codes["train"]) // args.batch_size
+    first_epoch = backup_epoch(run, "pixelcnn") if resuming else 0
+    train_ds = code_dataset(codes["train"], splits["train"], args.batch_size, shuffle=True, seed=args.seed,
+                            first_epoch=first_epoch, repeat=True)
+    val_ds = code_dataset(codes["validate"], splits["validate"], args.batch_size, shuffle=False)
+    slices = np.linspace(0, hyper["num_slices"] - 1, 8).round().astype(np.int32) if hyper["num_slices"] else None
+    grid = SampleGrid(vqvae, grid_shape, run, slices=slices, seed=args.seed)
+    cond = ", ".join(f"{n} {what}" for n, what in ((hyper["num_slices"], "slice positions"),
+                                                   (hyper["num_classes"], "classes")) if n) or "nothing"
+    log(f"pixelcnn: {source.kind} data, train {len(codes['train'])} / validate {len(codes['validate'])} code grids "
+        f"of {grid_shape[0]}x{grid_shape[1]} (K={hyper['num_codes']}), conditioned on {cond}, "
+        f"{prior.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run}")
+    rows = fit_in_run(prior, "pixelcnn", run, train_ds, val_ds, steps=steps, epochs=args.epochs, resuming=resuming,
+                      monitor="val_bits_per_code", mode="min", grid=grid, args=args)
+    best_row = min(rows, key=lambda r: float(r["val_bits_per_code"]))
+    summary = {
+        "model": "pixelcnn", "run": str(run), "source": source.kind,
+        "epochs": int(rows[-1]["epoch"]) + 1, "seconds": round(time.perf_counter() - start, 1),
+        "val_bits_per_code": float(best_row["val_bits_per_code"]), "best_epoch": int(best_row["epoch"]) + 1,
+        "uniform_bits_per_code": math.log2(hyper["num_codes"]),
+        "checkpoint": str(run / "pixelcnn_best.keras"), "grid": list(grid_shape),
+        "num_slices": hyper["num_slices"], "num_classes": hyper["num_classes"],
+        "train_grids": len(codes["train"]), "validate_grids": len(codes["validate"]),
+    }
+    write_json(run / "pixelcnn_summary.json", summary)
+    return summary
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train the VQ-VAE (--model vqvae) or the gated PixelCNN prior over its codes (--model "
+                    "pixelcnn, in the VQ-VAE's run folder). With no --data and no data/keras_png_slices_data, the "
+                    "VQ-VAE trains on the built-in synthetic phantoms with CPU demo defaults.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", choices=["vqvae", "pixelcnn"], default="vqvae", help="what to train")
+    parser.add_argument("--data", default=None,
+                        help="vqvae: OASIS folder or any folder of slices (see dataset.py --help); the prior uses "
+                             "the VQ-VAE's data")
+    parser.add_argument("--run", default=None,
+                        help="run folder. vqvae default: runs/vqvae-<time>, linked as runs/latest; pixelcnn "
+                             "default: runs/latest (the VQ-VAE's run). An interrupted run in it is resumed; a "
+                             "finished one is never overwritten without --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished model of this kind in --run")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs (default: vqvae 30 on real data, 12 on phantoms; pixelcnn 40 and 15)")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch size (default: vqvae 16, "
+                                                                      "pixelcnn 32)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and restarts")
+    parser.add_argument("--limit", type=int, default=None, help="use at most N images per split (quick runs)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny smoke run: 1 epoch, at most 64 images per split (vqvae: at most 64 px)")
+    parser.add_argument("--backup-every", type=int, default=50,
+                        help="steps between mid-epoch backups an interrupted run resumes from")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out corrupt image files with a warning")
+    parser.add_argument("--verbose", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="Keras progress output: auto, 0, 1 (bar) or 2 (a line per epoch)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
+    vq = parser.add_argument_group("VQ-VAE (--model vqvae)")
+    vq.add_argument("--image-size", type=int, default=None,
+                    help="train at this square size (default: 256 on real data, 128 on phantoms)")
+    vq.add_argument("--fit", choices=dataset.FIT_MODES, default="pad", help="how other image sizes are fitted")
+    vq.add_argument("--downsample", type=int, default=4,
+                    help="encoder stride: 4 gives a 64x64 code grid at 256 px, 8 gives 32x32")
+    vq.add_argument("--codes", type=int, default=512, help="K, the codebook size")
+    vq.add_argument("--code-dim", type=int, default=64, help="D, the code vector size")
+    vq.add_argument("--channels", type=int, default=64, help="convolution channels")
+    vq.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
+    vq.add_argument("--res-channels", type=int, default=32, help="hidden channels of a residual block")
+    vq.add_argument("--codebook", choices=["ema", "loss"], default="ema",
+                    help="learn the codebook by moving averages (ema) or by gradient (loss)")
+    vq.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
+    vq.add_argument("--decay", type=float, default=0.99, help="EMA decay of the codebook")
+    prior = parser.add_argument_group("PixelCNN prior (--model pixelcnn)")
+    prior.add_argument("--filters", type=int, default=64, help="channels of the vertical and horizontal stacks")
+    prior.add_argument("--layers", type=int, default=8, help="gated layers")
+    prior.add_argument("--kernel-size", type=int, default=5, help="k (odd): vertical kernel (k//2+1) x k")
+    prior.add_argument("--skip-filters", type=int, default=128, help="channels of skip connections and head")
+    prior.add_argument("--condition", choices=["auto", "none", "slice", "label", "both"], default="auto",
+                       help="condition on the axial slice position (OASIS names) and/or the class folder; auto "
+                            "uses whatever the data carry")
+    args = parser.parse_args(argv)
+    checks = [
+        (args.batch_size is None or args.batch_size >= 1,
+         f"--batch-size must be at least 1. Received: {args.batch_size}"),
+        (args.layers >= 1, f"--layers must be at least 1. Received: {args.layers}"),
+        (args.kernel_size >= 3 and args.kernel_size % 2 == 1,
+         f"--kernel-size must be odd and at least 3. Received: {args.kernel_size}"),
+        (args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1. Received: {args.epochs}"),
+        (args.image_size is None or args.image_size >= 32,
+         f"--image-size must be at least 32 (SSIM uses an 11-pixel window). Received: {args.image_size}"),
+        (args.downsample >= 2 and args.downsample & (args.downsample - 1) == 0,
+         f"--downsample must be a power of two (2, 4, 8, ...). Received: {args.downsample}"),
+        (args.codes >= 2, f"--codes must be at least 2. Received: {args.codes}"),
+        (args.code_dim >= 1, f"--code-dim must be at least 1. Received: {args.code_dim}"),
+        (0.0 <= args.decay < 1.0, f"--decay must be in [0, 1). Received: {args.decay}"),
+        (args.lr > 0, f"--lr must be positive. Received: {args.lr}"),
+        (args.limit is None or args.limit >= 1, f"--limit must be at least 1. Received: {args.limit}"),
+        (args.backup_every >= 1, f"--backup-every must be at least 1. Received: {args.backup_every}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        summary = (train_vqvae if args.model == "vqvae" else train_pixelcnn)(args)
+    except (dataset.DataError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.model == "vqvae":
+        print(f"vqvae: {summary['epochs']} epochs in {summary['seconds']:.0f} s; validation SSIM "
+              f"{summary['val_ssim']:.4f} (best, epoch {summary['best_epoch']}), PSNR {summary['val_psnr']:.2f} dB, "
+              f"perplexity {summary['perplexity']:.1f}, codes used {summary['codes_used']:.1%}; "
+              f"checkpoint {summary['checkpoint']}")
+    else:
+        print(f"pixelcnn: {summary['epochs']} epochs in {summary['seconds']:.0f} s; validation "
+              f"{summary['val_bits_per_code']:.3f} bits per code (best, epoch {summary['best_epoch']}; uniform "
+              f"{summary['uniform_bits_per_code']:.1f}); checkpoint {summary['checkpoint']}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
