@@ -571,31 +571,22 @@ def _condition_for(prior, batch, slice_index, label):
     return prior.condition(slices, labels), slices, labels
 
 
-def sample_naive(prior, uniform, temperature=1.0, slice_index=-1, label=-1, positions=None):
+def make_naive_sampler(prior, batch, height, width, temperature=1.0):
     """The reference sampler: one full forward pass of the prior per code position.
 
-    This is the keras.io method (compiled into one graph here): O(H*W)
-    passes over the whole grid.
-
-    Args:
-        prior: a `GatedPixelCNN`.
-        uniform: float32 (B, H, W) uniforms in [0, 1), one per position.
-        temperature: softmax temperature.
-        slice_index, label: conditioning values (-1 for unknown / none).
-        positions: sample only the first `positions` codes in raster order
-            (the rest stay 0), for timing large grids.
+    This is the keras.io method (compiled into one graph here, which only
+    makes it faster): O(H*W) passes over the whole grid.
 
     Returns:
-        int32 codes (B, H, W).
+        A function `sample(uniform, slice_index=-1, label=-1, positions=None) -> codes (B, H, W)`:
+        float32 uniforms (B, H, W) in [0, 1), one per position; conditioning
+        as in `make_fast_sampler`; `positions` samples only the first codes
+        in raster order (the rest stay 0), for timing large grids.
     """
-    uniform = tf.convert_to_tensor(uniform, tf.float32)
-    batch, height, width = uniform.shape
-    total = height * width if positions is None else positions
-    _, slices, labels = _condition_for(prior, batch, slice_index, label)
     rows = tf.range(height)[:, None] * width + tf.range(width)[None, :]
 
     @tf.function
-    def run(uniform):
+    def run(uniform, slices, labels, total):
         codes = tf.zeros((batch, height, width), tf.int32)
         for t in tf.range(total):
             logits = prior({"codes": codes, "slice": slices, "label": labels})
@@ -604,7 +595,19 @@ def sample_naive(prior, uniform, temperature=1.0, slice_index=-1, label=-1, posi
             codes = tf.where((rows == t)[None], code[:, None, None], codes)
         return codes
 
-    return run(uniform)
+    def sample(uniform, slice_index=-1, label=-1, positions=None):
+        vector = lambda value: tf.broadcast_to(tf.cast(value, tf.int32), (batch,))  # noqa: E731
+        total = height * width if positions is None else positions
+        return run(tf.convert_to_tensor(uniform, tf.float32), vector(slice_index), vector(label),
+                   tf.constant(total, tf.int32))
+
+    return sample
+
+
+def sample_naive(prior, uniform, temperature=1.0, slice_index=-1, label=-1, positions=None):
+    """Samples codes with `make_naive_sampler` (see there) for uniforms (B, H, W)."""
+    batch, height, width = uniform.shape
+    return make_naive_sampler(prior, batch, height, width, temperature)(uniform, slice_index, label, positions)
 
 
 def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=True):

@@ -33,8 +33,8 @@ import tensorflow as tf  # noqa: E402
 RUNS = Path("runs")
 NAMES = {"vqvae": "VQ-VAE", "pixelcnn": "PixelCNN prior"}
 # The phantom demo trains smaller and shorter so it finishes in minutes on a CPU.
-DEMO = {"image_size": 128, "epochs": 12, "prior_epochs": 15}
-REAL = {"image_size": 256, "epochs": 30, "prior_epochs": 40}
+DEMO = {"image_size": 128, "epochs": 12, "prior_epochs": 10, "filters": 32, "layers": 6, "skip_filters": 64}
+REAL = {"image_size": 256, "epochs": 30, "prior_epochs": 40, "filters": 64, "layers": 8, "skip_filters": 128}
 
 
 class TrainingError(RuntimeError):
@@ -469,8 +469,13 @@ def cached_codes(run, vqvae, vq_config, splits, log=print):
     return codes
 
 
-def code_dataset(codes, split, batch_size, *, shuffle, seed=0, first_epoch=0, repeat=False):
-    """(inputs, targets) batches of code grids with their slice and label, for `fit`."""
+def code_dataset(codes, split, batch_size, *, shuffle, seed=0, first_epoch=0, repeat=False, drop_condition=0.0):
+    """(inputs, targets) batches of code grids with their slice and label, for `fit`.
+
+    With `drop_condition`, each example's slice and label are replaced by
+    "unknown" (-1) with that probability (independently, seeded), so the
+    prior also learns to generate when no condition is given.
+    """
     n = len(codes)
     table = (tf.constant(codes.astype(np.int32)), tf.constant(split.slices, tf.int32),
              tf.constant(split.labels, tf.int32))
@@ -478,7 +483,15 @@ def code_dataset(codes, split, batch_size, *, shuffle, seed=0, first_epoch=0, re
                               drop_remainder=repeat)
     if not repeat:
         ds = ds.apply(tf.data.experimental.assert_cardinality(n))
-    ds = ds.map(lambda i: ({"codes": table[0][i], "slice": table[1][i], "label": table[2][i]}, table[0][i]))
+
+    def example(position, i):
+        slice_, label = table[1][i], table[2][i]
+        if drop_condition > 0:
+            keep = tf.random.stateless_uniform((2,), seed=tf.stack([tf.cast(seed, tf.int64), position])) >= drop_condition
+            slice_, label = tf.where(keep[0], slice_, -1), tf.where(keep[1], label, -1)
+        return {"codes": table[0][i], "slice": slice_, "label": label}, table[0][i]
+
+    ds = ds.enumerate().map(example)
     return ds.batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
 
 
@@ -536,8 +549,11 @@ def train_pixelcnn(args, log=print):
         log(f"resuming the interrupted prior in {run} (its saved config wins over the flags)")
     data = None if vq_config["source"] == "phantoms" else vq_config["data"]
     source = dataset.load_source(data, seed=vq_config["seed"], on_bad="skip" if args.skip_bad else "error")
-    args.epochs = args.epochs or (DEMO if source.kind == "phantoms" else REAL)["prior_epochs"]
+    defaults = DEMO if source.kind == "phantoms" else REAL
+    args.epochs = args.epochs or defaults["prior_epochs"]
     args.batch_size = args.batch_size or 32
+    for name in ("filters", "layers", "skip_filters"):
+        setattr(args, name, getattr(args, name) or defaults[name])
     if args.smoke:
         args.epochs, args.limit = 1, min(args.limit or 64, 64)
     configure(args.seed)
@@ -571,7 +587,7 @@ def train_pixelcnn(args, log=print):
     steps = len(codes["train"]) // args.batch_size
     first_epoch = backup_epoch(run, "pixelcnn") if resuming else 0
     train_ds = code_dataset(codes["train"], splits["train"], args.batch_size, shuffle=True, seed=args.seed,
-                            first_epoch=first_epoch, repeat=True)
+                            first_epoch=first_epoch, repeat=True, drop_condition=0.1 if prior.conditional else 0.0)
     val_ds = code_dataset(codes["validate"], splits["validate"], args.batch_size, shuffle=False)
     slices = np.linspace(0, hyper["num_slices"] - 1, 8).round().astype(np.int32) if hyper["num_slices"] else None
     grid = SampleGrid(vqvae, grid_shape, run, slices=slices, seed=args.seed)
@@ -612,7 +628,7 @@ def parse_args(argv=None):
                              "finished one is never overwritten without --overwrite")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished model of this kind in --run")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs (default: vqvae 30 on real data, 12 on phantoms; pixelcnn 40 and 15)")
+                        help="epochs (default: vqvae 30 on real data, 12 on phantoms; pixelcnn 40 and 10)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size (default: vqvae 16, "
                                                                       "pixelcnn 32)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -642,10 +658,12 @@ def parse_args(argv=None):
     vq.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
     vq.add_argument("--decay", type=float, default=0.99, help="EMA decay of the codebook")
     prior = parser.add_argument_group("PixelCNN prior (--model pixelcnn)")
-    prior.add_argument("--filters", type=int, default=64, help="channels of the vertical and horizontal stacks")
-    prior.add_argument("--layers", type=int, default=8, help="gated layers")
+    prior.add_argument("--filters", type=int, default=None,
+                       help="channels of the vertical and horizontal stacks (default 64; phantom demo 32)")
+    prior.add_argument("--layers", type=int, default=None, help="gated layers (default 8; phantom demo 6)")
     prior.add_argument("--kernel-size", type=int, default=5, help="k (odd): vertical kernel (k//2+1) x k")
-    prior.add_argument("--skip-filters", type=int, default=128, help="channels of skip connections and head")
+    prior.add_argument("--skip-filters", type=int, default=None,
+                       help="channels of skip connections and head (default 128; phantom demo 64)")
     prior.add_argument("--condition", choices=["auto", "none", "slice", "label", "both"], default="auto",
                        help="condition on the axial slice position (OASIS names) and/or the class folder; auto "
                             "uses whatever the data carry")
@@ -653,7 +671,7 @@ def parse_args(argv=None):
     checks = [
         (args.batch_size is None or args.batch_size >= 1,
          f"--batch-size must be at least 1. Received: {args.batch_size}"),
-        (args.layers >= 1, f"--layers must be at least 1. Received: {args.layers}"),
+        (args.layers is None or args.layers >= 1, f"--layers must be at least 1. Received: {args.layers}"),
         (args.kernel_size >= 3 and args.kernel_size % 2 == 1,
          f"--kernel-size must be odd and at least 3. Received: {args.kernel_size}"),
         (args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1. Received: {args.epochs}"),
