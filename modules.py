@@ -22,6 +22,39 @@ from keras import ops  # noqa: E402
 PACKAGE = "brain_vqvae"
 
 
+def _replica_info():
+    """(replicas in sync, this replica's id) under a tf.distribute strategy; (1, 0) outside one."""
+    context = tf.distribute.get_replica_context()
+    if context is None:  # cross-replica context: one logical computation
+        return 1, 0
+    return context.num_replicas_in_sync, context.replica_id_in_sync_group
+
+
+def _replica_sum(x):
+    """Sum of `x` over the replicas in sync (`x` itself with one replica)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def _cluster_logs(logs):
+    """Per-step logs shaped for Keras's cross-worker reduction.
+
+    Keras 3 reduces the logs of a multi-worker step with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars; as
+    (1,) tensors they reduce to the mean over all workers' replicas.
+    """
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+    return logs
+
+
+def _replica_gather(x):
+    """`x` of every replica in sync, concatenated on axis 0 in replica order."""
+    return tf.distribute.get_replica_context().all_gather(x, axis=0)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class VectorQuantizer(keras.layers.Layer):
     """Maps each D-vector to its nearest of K codebook vectors.
@@ -43,6 +76,11 @@ class VectorQuantizer(keras.layers.Layer):
     the first training batch every code is seeded so (a data-dependent
     initialisation).
 
+    Under a `tf.distribute` strategy the counts, sums and restart picks are
+    all-reduced over the replicas, so every replica holds the same codebook
+    after every step, the one a single device would hold after the same
+    global batch.
+
     Args:
         num_codes: K, the codebook size.
         code_dim: D, the size of each code vector; the input's last axis.
@@ -53,7 +91,8 @@ class VectorQuantizer(keras.layers.Layer):
         dead_threshold: a code is restarted when its moving share of
             assignments is below `dead_threshold / num_codes`; 0 disables.
         usage_decay: decay of the moving share of assignments per code.
-        seed: seed of the restarts' sampling.
+        seed: seed of the restarts' random draws (None: 0), which are
+            keyed by (seed, training update) and so reproducible on resume.
 
     Returns:
         `(quantized, indices)`: quantized vectors shaped like the input, and
@@ -84,24 +123,26 @@ class VectorQuantizer(keras.layers.Layer):
         self.dead_threshold = dead_threshold
         self.usage_decay = usage_decay
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
         if input_shape[-1] != self.code_dim:
             raise ValueError(
                 f"the last axis of the input must be code_dim={self.code_dim}. Received: input_shape={input_shape}")
         k, d = self.num_codes, self.code_dim
+        # The moving statistics are computed identically on every replica
+        # (from all-reduced inputs), so the first replica's write is everyone's.
+        # autocast=False: under mixed precision they are read in float32 too.
+        state = {"trainable": False, "dtype": "float32", "autocast": False, "aggregation": "only_first_replica"}
         self.codebook = self.add_weight(
             shape=(k, d), initializer=keras.initializers.RandomUniform(-1.0 / k, 1.0 / k),
-            trainable=not self.ema, name="codebook", dtype="float32")
-        self.ema_counts = self.add_weight(shape=(k,), initializer="zeros", trainable=False,
-                                          name="ema_counts", dtype="float32")
-        self.ema_sums = self.add_weight(shape=(k, d), initializer="zeros", trainable=False,
-                                        name="ema_sums", dtype="float32")
-        self.usage = self.add_weight(shape=(k,), initializer="zeros", trainable=False,
-                                     name="usage", dtype="float32")
-        self.initialized = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                           name="initialized", dtype="float32")
+            trainable=not self.ema, name="codebook", dtype="float32", autocast=False,
+            **({"aggregation": "only_first_replica"} if self.ema else {}))
+        self.ema_counts = self.add_weight(shape=(k,), initializer="zeros", name="ema_counts", **state)
+        self.ema_sums = self.add_weight(shape=(k, d), initializer="zeros", name="ema_sums", **state)
+        self.usage = self.add_weight(shape=(k,), initializer="zeros", name="usage", **state)
+        self.initialized = self.add_weight(shape=(), initializer="zeros", name="initialized", **state)
+        # Training updates so far: with `seed`, keys the restarts' random draws.
+        self.updates = self.add_weight(shape=(), initializer="zeros", name="updates", **state)
 
     def nearest(self, flat):
         """Nearest codes of (N, D) float32 vectors: (indices int32 (N,), squared distances (N,))."""
@@ -114,16 +155,26 @@ class VectorQuantizer(keras.layers.Layer):
         """Code vectors (..., D) of integer indices (...)."""
         return ops.take(self.codebook, indices, axis=0)
 
+    def quantization_loss(self, z, quantized):
+        """The commitment loss of inputs `z` to their codes `quantized` (plus the codebook loss without EMA).
+
+        `call` adds it with `add_loss`; a model may also compute it here
+        itself (the VQ-VAE does: layer losses are shared Python state, which
+        a mirrored strategy's replica threads would mix).
+        """
+        z = ops.cast(z, "float32")
+        loss = self.beta * ops.mean((z - ops.stop_gradient(quantized)) ** 2)
+        if not self.ema:
+            loss = loss + ops.mean((ops.stop_gradient(z) - quantized) ** 2)
+        return loss
+
     def call(self, inputs, training=False):
         z = ops.cast(inputs, "float32")
         flat = ops.reshape(z, (-1, self.code_dim))
         flat_indices, distances = self.nearest(flat)
         indices = ops.reshape(flat_indices, ops.shape(z)[:-1])
         quantized = self.lookup(indices)
-        loss = self.beta * ops.mean((z - ops.stop_gradient(quantized)) ** 2)
-        if not self.ema:
-            loss = loss + ops.mean((ops.stop_gradient(z) - quantized) ** 2)
-        self.add_loss(loss)
+        self.add_loss(self.quantization_loss(z, quantized))
         if training:
             self._update_codebook(ops.stop_gradient(flat), flat_indices, ops.stop_gradient(distances))
         quantized = z + ops.stop_gradient(quantized - z)
@@ -133,11 +184,11 @@ class VectorQuantizer(keras.layers.Layer):
         """EMA step, then the restart of dead codes (in place)."""
         k = self.num_codes
         # Per-code counts and sums by segment sums: no (N, K) one-hot in memory.
-        counts = ops.segment_sum(ops.ones_like(indices, dtype="float32"), indices, num_segments=k)
-        share = counts / ops.cast(ops.shape(flat)[0], "float32")
+        counts = _replica_sum(ops.segment_sum(ops.ones_like(indices, dtype="float32"), indices, num_segments=k))
+        share = counts / ops.maximum(ops.sum(counts), 1.0)
         codebook = self.codebook
         if self.ema:
-            sums = ops.segment_sum(flat, indices, num_segments=k)
+            sums = _replica_sum(ops.segment_sum(flat, indices, num_segments=k))
             ema_counts = self.decay * self.ema_counts + (1.0 - self.decay) * counts
             ema_sums = self.decay * self.ema_sums + (1.0 - self.decay) * sums
             total = ops.sum(ema_counts)
@@ -145,26 +196,38 @@ class VectorQuantizer(keras.layers.Layer):
             codebook = ema_sums / smoothed[:, None]
         usage = self.usage_decay * self.usage + (1.0 - self.usage_decay) * share
         dead = ops.logical_or(usage < self.dead_threshold / k, self.initialized < 0.5)
-        sample = ops.take(flat, self._restart_picks(distances), axis=0)
+        sample = self._restart_samples(flat, distances)
         self.codebook.assign(ops.where(dead[:, None], sample, codebook))
         if self.ema:
             self.ema_sums.assign(ops.where(dead[:, None], sample, ema_sums))
             self.ema_counts.assign(ops.where(dead, 1.0, ema_counts))
         self.usage.assign(ops.where(dead, 1.0 / k, usage))
         self.initialized.assign(1.0)
+        self.updates.assign(self.updates + 1.0)
 
-    def _restart_picks(self, distances):
-        """K distinct batch positions, drawn with probability proportional to
-        the squared distance to their nearest code (as k-means++ seeding):
-        vectors the codebook already fits well, such as the black background
-        that fills most of a brain slice, are not picked again and again.
-        Gumbel top-k samples without replacement in O(N log K)."""
+    def _restart_samples(self, flat, distances):
+        """K distinct encoder outputs of the (global) batch, drawn with
+        probability proportional to the squared distance to their nearest
+        code (as k-means++ seeding): vectors the codebook already fits well,
+        such as the black background that fills most of a brain slice, are
+        not picked again and again. Gumbel top-k samples without replacement
+        in O(N log K); across replicas, each proposes its local top K and
+        the global top K of those is the same as over the whole batch."""
         n = ops.shape(distances)[0]
-        uniform = keras.random.uniform((n,), minval=1e-9, maxval=1.0, seed=self.seed_generator)
+        replicas, replica = _replica_info()
+        # One uniform per position of the global batch, keyed by (seed, update):
+        # a replica takes its own slice, so the draws do not depend on the split.
+        seed = tf.stack([tf.constant(self.seed or 0, tf.int64), tf.cast(self.updates, tf.int64)])
+        uniform = tf.random.stateless_uniform((n * replicas,), seed=seed, minval=1e-9, maxval=1.0)
+        uniform = uniform[replica * n:(replica + 1) * n]
         keys = ops.log(distances + 1e-12) - ops.log(-ops.log(uniform))
-        k = ops.minimum(self.num_codes, n)
-        _, picks = ops.top_k(keys, k)
-        return ops.take(picks, ops.arange(self.num_codes) % k)
+        keys, picks = ops.top_k(keys, ops.minimum(self.num_codes, n))
+        candidates = ops.take(flat, picks, axis=0)
+        if replicas > 1:
+            keys, candidates = _replica_gather(keys), _replica_gather(candidates)
+        k = ops.minimum(self.num_codes, ops.shape(keys)[0])
+        _, best = ops.top_k(keys, k)
+        return ops.take(candidates, ops.take(best, ops.arange(self.num_codes) % k), axis=0)
 
     def compute_output_shape(self, input_shape):
         return input_shape, input_shape[:-1]
@@ -344,10 +407,11 @@ class VQVAE(keras.Model):
         return [*self.trackers.values(), self.usage]
 
     def _forward(self, images, training):
-        quantized, indices = self.quantizer(self.encoder(images, training=training), training=training)
+        z = self.encoder(images, training=training)
+        quantized, indices = self.quantizer(z, training=training)
         reconstructions = self.decoder(quantized, training=training)
         recon_loss = ops.mean((ops.cast(images, "float32") - ops.cast(reconstructions, "float32")) ** 2)
-        vq_loss = ops.sum(self.quantizer.losses)
+        vq_loss = self.quantizer.quantization_loss(z, self.quantizer.lookup(indices))
         return reconstructions, indices, recon_loss, vq_loss
 
     def _log(self, images, reconstructions, indices, recon_loss, vq_loss):
@@ -366,28 +430,30 @@ class VQVAE(keras.Model):
         with tf.GradientTape() as tape:
             reconstructions, indices, recon_loss, vq_loss = self._forward(images, training=True)
             loss = recon_loss + vq_loss
-            scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+            # Replicas' gradients are summed, so each contributes 1/R of the global mean.
+            scaled = loss / _replica_info()[0]
+            scaled = self.optimizer.scale_loss(scaled) if hasattr(self.optimizer, "scale_loss") else scaled
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
-        return self._log(images, reconstructions, indices, recon_loss, vq_loss)
+        return _cluster_logs(self._log(images, reconstructions, indices, recon_loss, vq_loss))
 
     def test_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
         reconstructions, indices, recon_loss, vq_loss = self._forward(images, training=False)
-        return self._log(images, reconstructions, indices, recon_loss, vq_loss)
+        return _cluster_logs(self._log(images, reconstructions, indices, recon_loss, vq_loss))
 
     def encode(self, images):
         """Code indices (B, S/f, S/f) int32 of images (B, S, S, 1)."""
         return self.quantizer(self.encoder(images, training=False), training=False)[1]
 
     def decode(self, indices):
-        """Images (B, S, S, 1) in [0, 1] decoded from code indices (B, S/f, S/f)."""
-        return ops.clip(self.decoder(self.quantizer.lookup(indices), training=False), 0.0, 1.0)
+        """Images (B, S, S, 1) float32 in [0, 1] decoded from code indices (B, S/f, S/f)."""
+        return ops.clip(ops.cast(self.decoder(self.quantizer.lookup(indices), training=False), "float32"), 0.0, 1.0)
 
     def reconstruct(self, images):
         """`decode(encode(images))` in one call: the model's reconstruction, clipped to [0, 1]."""
-        return ops.clip(self(images, training=False), 0.0, 1.0)
+        return ops.clip(ops.cast(self(images, training=False), "float32"), 0.0, 1.0)
 
     def get_config(self):
         return {**super().get_config(), **self.hyper}
@@ -435,7 +501,11 @@ class GatedPixelCNN(keras.Model):
     Optional conditioning on the axial slice position (OASIS slice index,
     0 .. num_slices - 1) and on a class label adds a learnt bias per layer
     to every gate; unknown values (-1 or out of range) use a learnt
-    "unknown" embedding.
+    "unknown" embedding. With `grid_size`, a learnt position embedding (a
+    row plus a column vector) is projected into every gate the same way,
+    so each layer knows where in the slice it is: the brain outline and
+    background are a matter of position that local context alone cannot
+    tell. Position is not a code, so causality is untouched.
 
     Args:
         num_codes: K, the number of codes (the VQ-VAE's codebook size).
@@ -445,6 +515,8 @@ class GatedPixelCNN(keras.Model):
         skip_filters: channels of the skip connections and the head.
         num_slices: slice positions to condition on; 0 for none.
         num_classes: class labels to condition on; 0 for none.
+        grid_size: (H, W) of the code grid for the position embedding, or
+            None for none; inputs must then have exactly this grid.
 
     Inputs:
         A dict {"codes": int (B, H, W), "slice": int (B,), "label": int (B,)}
@@ -460,15 +532,18 @@ class GatedPixelCNN(keras.Model):
     """
 
     def __init__(self, num_codes=512, filters=64, layers=8, kernel_size=5, skip_filters=128, num_slices=0,
-                 num_classes=0, **kwargs):
+                 num_classes=0, grid_size=None, **kwargs):
         super().__init__(**kwargs)
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and at least 3. Received: kernel_size={kernel_size}")
         if layers < 1:
             raise ValueError(f"layers must be at least 1. Received: layers={layers}")
+        if grid_size is not None and (len(grid_size) != 2 or min(grid_size) < 1):
+            raise ValueError(f"grid_size must be (height, width) or None. Received: grid_size={grid_size}")
         self.num_codes, self.filters, self.num_layers = num_codes, filters, layers
         self.kernel_size, self.skip_filters = kernel_size, skip_filters
         self.num_slices, self.num_classes = num_slices, num_classes
+        self.grid_size = None if grid_size is None else tuple(int(n) for n in grid_size)
         self.conditional = bool(num_slices or num_classes)
         half = kernel_size // 2 + 1
         conv = keras.layers.Conv2D
@@ -483,6 +558,10 @@ class GatedPixelCNN(keras.Model):
         if self.conditional:
             self.slice_embed = keras.layers.Embedding(num_slices + 1, filters, name="slice_embed")
             self.label_embed = keras.layers.Embedding(num_classes + 1, filters, name="label_embed")
+        if self.grid_size is not None:
+            self.row_embed = keras.layers.Embedding(self.grid_size[0], filters, name="row_embed")
+            self.col_embed = keras.layers.Embedding(self.grid_size[1], filters, name="col_embed")
+        if self.conditional or self.grid_size is not None:
             self.cond_v = [keras.layers.Dense(2 * filters, use_bias=False, name=f"cond_v{i}") for i in range(layers)]
             self.cond_h = [keras.layers.Dense(2 * filters, use_bias=False, name=f"cond_h{i}") for i in range(layers)]
 
@@ -508,9 +587,20 @@ class GatedPixelCNN(keras.Model):
         return (self.slice_embed(known(slices, self.num_slices))
                 + self.label_embed(known(labels, self.num_classes)))
 
+    def position(self):
+        """The position embedding (H, W, filters), or None without `grid_size`."""
+        if self.grid_size is None:
+            return None
+        height, width = self.grid_size
+        return (self.row_embed(ops.arange(height))[:, None, :]
+                + self.col_embed(ops.arange(width))[None, :, :])
+
     def call(self, inputs):
         codes, slices, labels = self._unpack(inputs)
-        cond = self.condition(slices, labels)
+        if self.grid_size is not None and tuple(codes.shape[1:3]) != self.grid_size:
+            raise ValueError(f"This prior models {self.grid_size[0]}x{self.grid_size[1]} code grids. "
+                             f"Received: codes of shape {tuple(codes.shape)}")
+        cond, pos = self.condition(slices, labels), self.position()
         k, half = self.kernel_size, self.kernel_size // 2 + 1
         x = self.embed(ops.cast(codes, "int32"))
         v, h, skip = x, _shift_right(x), 0.0
@@ -520,18 +610,29 @@ class GatedPixelCNN(keras.Model):
             if cond is not None:
                 v_pre = v_pre + self.cond_v[i](cond)[:, None, None, :]
                 h_pre = h_pre + self.cond_h[i](cond)[:, None, None, :]
+            if pos is not None:
+                v_pre = v_pre + self.cond_v[i](pos)[None]
+                h_pre = h_pre + self.cond_h[i](pos)[None]
             h_pre = h_pre + self.v_to_h[i](_shift_down(v_pre))
             v = _gate(v_pre)
             gated = _gate(h_pre)
             skip = skip + self.skips[i](gated)
             if i < self.num_layers - 1:
                 h = self.h_outs[i](gated) + (h if i > 0 else 0.0)
-        return self.head[1](ops.relu(self.head[0](ops.relu(skip))))
+        # Logits in float32 under mixed precision too: the loss and sampling need them exact.
+        return ops.cast(self.head[1](ops.relu(self.head[0](ops.relu(skip)))), "float32")
+
+    def train_step(self, data):
+        return _cluster_logs(super().train_step(data))
+
+    def test_step(self, data):
+        return _cluster_logs(super().test_step(data))
 
     def get_config(self):
         return {**super().get_config(), "num_codes": self.num_codes, "filters": self.filters,
                 "layers": self.num_layers, "kernel_size": self.kernel_size, "skip_filters": self.skip_filters,
-                "num_slices": self.num_slices, "num_classes": self.num_classes}
+                "num_slices": self.num_slices, "num_classes": self.num_classes,
+                "grid_size": None if self.grid_size is None else list(self.grid_size)}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -648,8 +749,19 @@ def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=
     def run(uniform, slice_index, label):
         w = step_weights()
         cond, _, _ = _condition_for(prior, batch, slice_index, label)
-        cond_v = [prior.cond_v[i](cond) if cond is not None else 0.0 for i in range(n_layers)]
-        cond_h = [prior.cond_h[i](cond) if cond is not None else 0.0 for i in range(n_layers)]
+        # Biases of the conditioning and the position, in float32 whatever the prior's dtype policy.
+        f32 = lambda x: tf.cast(x, tf.float32)  # noqa: E731
+        cond_v = [f32(prior.cond_v[i](cond)) if cond is not None else 0.0 for i in range(n_layers)]
+        cond_h = [f32(prior.cond_h[i](cond)) if cond is not None else 0.0 for i in range(n_layers)]
+        pos = prior.position()
+        if pos is not None and prior.grid_size != (height, width):
+            raise ValueError(f"This prior models {prior.grid_size[0]}x{prior.grid_size[1]} code grids. "
+                             f"Received: height={height}, width={width}")
+        # Per-layer position biases (H, W, 2C); zeros without a position embedding.
+        pos_v = [f32(prior.cond_v[i](pos)) if pos is not None else tf.zeros((height, width, 2 * c))
+                 for i in range(n_layers)]
+        pos_h = [f32(prior.cond_h[i](pos)) if pos is not None else tf.zeros((height, width, 2 * c))
+                 for i in range(n_layers)]
         # Vertical windows: per layer, the last `half` rows of its input, padded left/right by k//2.
         v_windows = tf.zeros((n_layers, batch, half, width + 2 * (k // 2), c))
         # Input of the horizontal stack from the row above: 1x1 conv of zeros for row 0.
@@ -667,7 +779,8 @@ def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=
                     if layer > 0:  # this layer's window ends at the current position's features
                         window = tf.concat([window[:, 1:], below[:, None]], axis=1)
                     kernel_h, bias_h = w["h"][layer]
-                    pre = tf.einsum("bkc,kcd->bd", window, kernel_h) + bias_h + cond_h[layer] + vh_j[layer]
+                    pre = tf.einsum("bkc,kcd->bd", window, kernel_h) + bias_h + cond_h[layer]
+                    pre = pre + pos_h[layer][i, j] + vh_j[layer]
                     gated = _gate(pre)
                     skip = skip + gated @ w["skip"][layer][0] + w["skip"][layer][1]
                     if layer < n_layers - 1:
@@ -693,6 +806,7 @@ def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=
                 pre = tf.nn.conv2d(window, kernel_v, strides=1, padding="VALID")[:, 0] + bias_v
                 if cond is not None:
                     pre = pre + cond_v[layer][:, None, :]
+                pre = pre + pos_v[layer][i]
                 new_vh.append(tf.einsum("bwc,cd->bwd", pre, w["vh"][layer][0]) + w["vh"][layer][1])
                 layer_input = _gate(pre)
                 new_v.append(window)

@@ -11,6 +11,7 @@ per epoch and the training curves.
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -246,12 +247,15 @@ def history_rows(path, monitor="val_ssim"):
     return [r for r in rows if math.isfinite(float(r.get(monitor) or "nan"))]
 
 
-def fit_in_run(model, kind, run, train_ds, val_ds, *, steps, epochs, resuming, monitor, mode, grid, args):
+def fit_in_run(model, kind, run, train_ds, val_ds, *, steps, epochs, resuming, monitor, mode, grid, args,
+               chief=True):
     """Fits `model` with the run folder's callbacks; returns the CSV rows with a finite `monitor`.
 
     Callbacks: NaN guard, mid-epoch backup (resume), best/last checkpoints
     written atomically, CSV and TensorBoard logs, and `grid` (a per-epoch
-    figure). Ends with the training curves.
+    figure, or None). Ends with the training curves. A non-chief worker
+    keeps only what it needs to resume and to summarise (no TensorBoard,
+    figures or progress bar).
     """
     history_csv = run / f"{kind}_history.csv"
     checkpoint = AtomicCheckpoint(run / f"{kind}_last.keras", run / f"{kind}_best.keras", monitor=monitor, mode=mode)
@@ -265,11 +269,13 @@ def fit_in_run(model, kind, run, train_ds, val_ds, *, steps, epochs, resuming, m
                              double_checkpoint=True),
         checkpoint,
         keras.callbacks.CSVLogger(history_csv, append=resuming),
-        keras.callbacks.TensorBoard(run / "logs" / kind, write_graph=False, profile_batch=0),
-        grid,
     ]
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(run / "logs" / kind, write_graph=False, profile_batch=0))
+    if grid is not None:
+        callbacks.append(grid)
     model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks,
-              verbose=args.verbose, shuffle=False)
+              verbose=args.verbose if chief else 0, shuffle=False)
     if nan_guard.where is not None:
         epoch, batch = nan_guard.where
         last = run / f"{kind}_last.keras"
@@ -277,7 +283,8 @@ def fit_in_run(model, kind, run, train_ds, val_ds, *, steps, epochs, resuming, m
         raise TrainingError(f"the loss became NaN at epoch {epoch}, step {batch}; training stopped and {kept}. "
                             f"Lower --lr (now {args.lr}) and run again with a new --run.")
     keys = ("loss", "ssim", "perplexity", "codes_used") if kind == "vqvae" else ("loss", "bits_per_code")
-    save_curves(history_csv, run / f"{kind}_curves.png", keys)
+    if chief:
+        save_curves(history_csv, run / f"{kind}_curves.png", keys)
     rows = history_rows(history_csv, monitor)
     if not rows:
         raise TrainingError(f"no epoch finished with a finite {monitor}; see {history_csv}.")
@@ -289,10 +296,14 @@ def backup_epoch(run, kind):
     return read_json(run / f"{kind}_backup" / "training_metadata.json", "backup")["epoch"]
 
 
-def configure(seed):
-    """Seeds every generator; on CPU also makes TensorFlow's kernels deterministic."""
+def configure(seed, jit_compile=False):
+    """Seeds every generator; on CPU also makes TensorFlow's kernels deterministic.
+
+    Keras turns XLA off under op determinism, so with `jit_compile` runs are
+    seeded but not bit-exact.
+    """
     keras.utils.set_random_seed(seed)
-    if not tf.config.list_physical_devices("GPU"):
+    if not tf.config.list_physical_devices("GPU") and not jit_compile:
         tf.config.experimental.enable_op_determinism()
 
 
@@ -302,6 +313,150 @@ def limit_split(split, limit, seed):
         return split
     keep = np.sort(np.random.default_rng(seed).permutation(len(split))[:limit])
     return split.take(keep)
+
+
+# ---------------------------------------------------------------------------
+# Devices: distribution strategy, precision, XLA
+# ---------------------------------------------------------------------------
+
+
+def split_cpu(replicas):
+    """Splits the CPU into `replicas` logical devices (for mirrored runs without GPUs).
+
+    Must run before TensorFlow first uses a device; a process that already
+    has the same split is left as it is.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    except RuntimeError:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != replicas:
+            raise TrainingError(f"--cpu-replicas {replicas}: TensorFlow already started with {have} CPU device(s) "
+                                "in this process. Pass the flag to a fresh process.") from None
+
+
+def cluster_workers():
+    """Number of workers named in TF_CONFIG (0 when it is unset)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 0
+    try:
+        cluster = json.loads(raw)["cluster"]
+    except (ValueError, KeyError, TypeError):
+        raise TrainingError("TF_CONFIG is not valid JSON with a \"cluster\" entry; see the README's "
+                            "\"Scaling out\" section for an example.") from None
+    return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+
+
+def make_strategy(name="auto", cpu_replicas=0):
+    """The tf.distribute strategy for `--strategy` (auto, one-device, mirrored, multi-worker).
+
+    auto: multi-worker when TF_CONFIG names more than one worker, mirrored
+    when more than one GPU (or `cpu_replicas` > 1) is visible, else the
+    default one-device strategy (GPU 0 if there is one, else the CPU).
+    """
+    if cpu_replicas > 1:
+        split_cpu(cpu_replicas)
+    # Physical devices only: listing logical ones would start the runtime,
+    # after which a multi-worker strategy can no longer configure itself.
+    gpus = tf.config.list_physical_devices("GPU")
+    if name == "auto":
+        name = ("multi-worker" if cluster_workers() > 1 else
+                "mirrored" if len(gpus) > 1 or cpu_replicas > 1 else "one-device")
+    if name == "one-device":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if not cluster_workers():
+        raise TrainingError("--strategy multi-worker needs the TF_CONFIG variable naming the cluster and this "
+                            "worker's task; see the README's \"Scaling out\" section.")
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def task_of(strategy):
+    """(task_type, task_id, is_chief) of this process; ("chief", 0, True) outside a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster:
+        return "chief", 0, True
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
+    return task_type, task_id, chief
+
+
+def precision_policy(mixed):
+    """The Keras dtype policy: mixed_float16 on GPU, mixed_bfloat16 on CPU, or float32."""
+    if not mixed:
+        return "float32"
+    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Sets Keras's global dtype policy for the models built inside, then restores it."""
+    before = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(before)
+
+
+def setup_devices(args, log):
+    """Strategy, task and precision for a run, from the flags; logs the devices line.
+
+    Returns (strategy, chief, task_id, policy). Non-chief workers of a
+    multi-worker run write their files under `<run>/.worker-<id>` instead of
+    the run folder (see `worker_folder`).
+    """
+    strategy = make_strategy(args.strategy, args.cpu_replicas)
+    task_type, task_id, chief = task_of(strategy)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and not args.run:
+        raise TrainingError("a multi-worker run needs --run, the same folder on every worker.")
+    batch = args.batch_size or (16 if args.model == "vqvae" else 32)
+    if batch % strategy.num_replicas_in_sync:
+        raise TrainingError(f"--batch-size {batch} (the global batch) does not split evenly over "
+                            f"{strategy.num_replicas_in_sync} replicas. Pass a multiple of it.")
+    return strategy, chief, task_id, precision_policy(args.mixed_precision)
+
+
+def jit_flag(args):
+    """`jit_compile` for `Model.compile`: the flag, or Keras's own choice ("auto") when it is not given."""
+    return "auto" if args.jit_compile is None else args.jit_compile
+
+
+def worker_folder(run, chief, task_id):
+    """Where this process writes: the run folder for the chief, a private sub-folder for other workers."""
+    return Path(run) if chief else Path(run) / f".worker-{task_id}"
+
+
+def describe_devices(strategy, policy, jit_compile):
+    """One line: devices, strategy, replicas, precision, XLA (the first line of every run)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    kind = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else
+            "MirroredStrategy" if isinstance(strategy, tf.distribute.MirroredStrategy) else "default (one device)")
+    task_type, task_id, chief = task_of(strategy)
+    where = f", task {task_type}:{task_id}{' (chief)' if chief else ''}" if cluster_workers() else ""
+    return (f"devices: {len(gpus)} GPU(s), {len(tf.config.list_logical_devices('CPU'))} CPU device(s); strategy "
+            f"{kind}{where}, {strategy.num_replicas_in_sync} replica(s) in sync; precision {policy}; XLA "
+            f"{'on' if jit_compile else 'off'}")
+
+
+def distribute(strategy, make, global_batch):
+    """A training dataset built per input pipeline when the strategy spans workers.
+
+    `make(batch_size, input_context)` builds the pipeline. With several
+    workers each builds and decodes only its own shard of files
+    (`distribute_datasets_from_function`); otherwise Keras splits each
+    global batch over the local replicas itself.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return make(global_batch, None)
+    return strategy.distribute_datasets_from_function(lambda context: make(global_batch, context))
 
 
 # ---------------------------------------------------------------------------
@@ -332,7 +487,8 @@ def write_json(path, payload):
 def train_vqvae(args, log=print):
     """Trains a VQ-VAE as `args` say; returns the summary dict."""
     start = time.perf_counter()
-    run = Path(args.run) if args.run else new_run_dir("vqvae")
+    strategy, chief, task_id, policy = setup_devices(args, log)
+    run = worker_folder(args.run or new_run_dir("vqvae"), chief, task_id)
     run, resuming = prepare_run(run, args.overwrite)
     config_path = run / "vqvae_config.json"
     if resuming:  # the saved config wins over the flags, data and split included
@@ -351,7 +507,7 @@ def train_vqvae(args, log=print):
         args.image_size, args.epochs, args.limit = min(args.image_size, 64), 1, min(args.limit or 64, 64)
     for note in source.notes:
         log(f"note: {note}")
-    configure(args.seed)
+    configure(args.seed, args.jit_compile)
     train = limit_split(source.splits["train"], args.limit, args.seed)
     val = limit_split(source.splits["validate"], args.limit, args.seed)
     if len(train) < args.batch_size:
@@ -367,14 +523,16 @@ def train_vqvae(args, log=print):
         hyper = config["vqvae"]
         write_json(config_path, config)
 
-    model = modules.VQVAE(**hyper)
-    model.build((None, args.image_size, args.image_size, 1))
-    model.compile(optimizer=keras.optimizers.Adam(args.lr))
+    with strategy.scope(), dtype_policy(policy):
+        model = modules.VQVAE(**hyper)
+        model.build((None, args.image_size, args.image_size, 1))
+        model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=jit_flag(args))
+    log(describe_devices(strategy, policy, model.jit_compile))
     steps = len(train) // args.batch_size
     first_epoch = backup_epoch(run, "vqvae") if resuming else 0
-    train_ds = dataset.make_dataset(train, image_size=args.image_size, batch_size=args.batch_size, shuffle=True,
-                                    seed=args.seed, first_epoch=first_epoch, repeat=True, fit=args.fit,
-                                    drop_remainder=True)
+    train_ds = distribute(strategy, lambda batch, context: dataset.make_dataset(
+        train, image_size=args.image_size, batch_size=batch, shuffle=True, seed=args.seed, first_epoch=first_epoch,
+        repeat=True, fit=args.fit, drop_remainder=True, input_context=context), args.batch_size)
     val_ds = dataset.make_dataset(val, image_size=args.image_size, batch_size=args.batch_size, fit=args.fit)
     grid_images = next(iter(dataset.make_dataset(val, image_size=args.image_size, batch_size=8, fit=args.fit))).numpy()
 
@@ -382,7 +540,8 @@ def train_vqvae(args, log=print):
         f"{args.image_size // args.downsample}x{args.image_size // args.downsample} codes of K={hyper['num_codes']}, "
         f"{model.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run}")
     rows = fit_in_run(model, "vqvae", run, train_ds, val_ds, steps=steps, epochs=args.epochs, resuming=resuming,
-                      monitor="val_ssim", mode="max", grid=ReconstructionGrid(grid_images, run), args=args)
+                      monitor="val_ssim", mode="max", grid=ReconstructionGrid(grid_images, run) if chief else None,
+                      args=args, chief=chief)
     best_row = max(rows, key=lambda r: float(r["val_ssim"]))
     summary = {
         "model": "vqvae", "run": str(run), "source": source.kind,
@@ -392,6 +551,7 @@ def train_vqvae(args, log=print):
         "perplexity": float(best_row["val_perplexity"]), "codes_used": float(best_row["val_codes_used"]),
         "checkpoint": str(run / "vqvae_best.keras"), "image_size": args.image_size,
         "train_images": len(train), "validate_images": len(val),
+        "replicas": strategy.num_replicas_in_sync, "precision": policy, "jit_compile": bool(model.jit_compile),
     }
     write_json(run / "vqvae_summary.json", summary)
     link_latest(run)
@@ -440,18 +600,19 @@ def encode_split(vqvae, split, image_size, fit, batch_size=32, label=""):
     return np.concatenate(codes)
 
 
-def cached_codes(run, vqvae, vq_config, splits, log=print):
+def cached_codes(run, vqvae, vq_config, splits, log=print, cache=None):
     """Codes of the train and validate splits, encoded once and cached in the run folder.
 
-    The cache is keyed by the VQ-VAE checkpoint's content and the files of
-    the splits, so it is rebuilt whenever either changes.
+    The cache (`cache`, default `<run>/codes_cache.npz`) is keyed by the
+    VQ-VAE checkpoint's content and the files of the splits, so it is
+    rebuilt whenever either changes.
     """
     key = hashlib.sha1(json.dumps({
         "vqvae": file_digest(Path(run) / "vqvae_best.keras"),
         "files": {name: split.paths for name, split in splits.items()},
         "image_size": vq_config["image_size"], "fit": vq_config["fit"],
     }, sort_keys=True).encode()).hexdigest()
-    path = Path(run) / "codes_cache.npz"
+    path = Path(cache or Path(run) / "codes_cache.npz")
     if path.is_file():
         try:
             with np.load(path) as cache:
@@ -537,9 +698,10 @@ def conditioning(mode, source, splits):
 def train_pixelcnn(args, log=print):
     """Trains the gated PixelCNN prior over the codes of the run's VQ-VAE; returns the summary dict."""
     start = time.perf_counter()
-    run = Path(args.run or RUNS / "latest")
-    vqvae, vq_config = load_run_vqvae(run)
-    run, resuming = prepare_run(run, args.overwrite, "pixelcnn")
+    strategy, chief, task_id, policy = setup_devices(args, log)
+    vq_run = Path(args.run or RUNS / "latest")
+    vqvae, vq_config = load_run_vqvae(vq_run)
+    run, resuming = prepare_run(worker_folder(vq_run, chief, task_id), args.overwrite, "pixelcnn")
     config_path = run / "pixelcnn_config.json"
     if resuming:
         config = read_json(config_path, "run config")
@@ -556,48 +718,52 @@ def train_pixelcnn(args, log=print):
         setattr(args, name, getattr(args, name) or defaults[name])
     if args.smoke:
         args.epochs, args.limit = 1, min(args.limit or 64, 64)
-    configure(args.seed)
+    configure(args.seed, args.jit_compile)
     splits = {name: limit_split(source.splits[name], vq_config["limit"], vq_config["seed"])
               for name in ("train", "validate")}
     splits = {name: limit_split(split, args.limit, args.seed) for name, split in splits.items()}
     if len(splits["train"]) < args.batch_size:
         raise TrainingError(f"the train split has {len(splits['train'])} images, fewer than --batch-size "
                             f"{args.batch_size}. Lower --batch-size or raise --limit.")
-    codes = cached_codes(run, vqvae, vq_config, splits, log)
+    codes = cached_codes(vq_run, vqvae, vq_config, splits, log, cache=run / "codes_cache.npz")
     if resuming:
         hyper = config["pixelcnn"]
     else:
         num_slices, num_classes = conditioning(args.condition, source, splits)
         hyper = {"num_codes": vqvae.num_codes, "filters": args.filters, "layers": args.layers,
                  "kernel_size": args.kernel_size, "skip_filters": args.skip_filters, "num_slices": num_slices,
-                 "num_classes": num_classes}
+                 "num_classes": num_classes,
+                 "grid_size": None if args.no_position else list(codes["train"].shape[1:])}
         config = {"model": "pixelcnn", "batch_size": args.batch_size, "epochs": args.epochs,
                   "learning_rate": args.lr, "seed": args.seed, "limit": args.limit, "pixelcnn": hyper,
                   "grid": list(codes["train"].shape[1:]), "class_names": source.class_names,
                   "counts": {name: len(c) for name, c in codes.items()}}
         write_json(config_path, config)
 
-    prior = modules.GatedPixelCNN(**hyper)
     grid_shape = tuple(codes["train"].shape[1:])
-    prior({"codes": tf.zeros((1, *grid_shape), tf.int32), "slice": tf.zeros((1,), tf.int32),
-           "label": tf.zeros((1,), tf.int32)})
-    prior.compile(optimizer=keras.optimizers.Adam(args.lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[modules.BitsPerCode()])
+    with strategy.scope(), dtype_policy(policy):
+        prior = modules.GatedPixelCNN(**hyper)
+        prior({"codes": tf.zeros((1, *grid_shape), tf.int32), "slice": tf.zeros((1,), tf.int32),
+               "label": tf.zeros((1,), tf.int32)})
+        prior.compile(optimizer=keras.optimizers.Adam(args.lr),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[modules.BitsPerCode()], jit_compile=jit_flag(args))
+    log(describe_devices(strategy, policy, prior.jit_compile))
     steps = len(codes["train"]) // args.batch_size
     first_epoch = backup_epoch(run, "pixelcnn") if resuming else 0
     train_ds = code_dataset(codes["train"], splits["train"], args.batch_size, shuffle=True, seed=args.seed,
                             first_epoch=first_epoch, repeat=True, drop_condition=0.1 if prior.conditional else 0.0)
     val_ds = code_dataset(codes["validate"], splits["validate"], args.batch_size, shuffle=False)
     slices = np.linspace(0, hyper["num_slices"] - 1, 8).round().astype(np.int32) if hyper["num_slices"] else None
-    grid = SampleGrid(vqvae, grid_shape, run, slices=slices, seed=args.seed)
-    cond = ", ".join(f"{n} {what}" for n, what in ((hyper["num_slices"], "slice positions"),
-                                                   (hyper["num_classes"], "classes")) if n) or "nothing"
+    grid = SampleGrid(vqvae, grid_shape, run, slices=slices, seed=args.seed) if chief else None
+    cond = [f"{n} {what}" for n, what in ((hyper["num_slices"], "slice positions"),
+                                          (hyper["num_classes"], "classes")) if n]
+    cond = ", ".join(cond + ["grid position"] * bool(hyper.get("grid_size"))) or "nothing"
     log(f"pixelcnn: {source.kind} data, train {len(codes['train'])} / validate {len(codes['validate'])} code grids "
         f"of {grid_shape[0]}x{grid_shape[1]} (K={hyper['num_codes']}), conditioned on {cond}, "
         f"{prior.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run}")
     rows = fit_in_run(prior, "pixelcnn", run, train_ds, val_ds, steps=steps, epochs=args.epochs, resuming=resuming,
-                      monitor="val_bits_per_code", mode="min", grid=grid, args=args)
+                      monitor="val_bits_per_code", mode="min", grid=grid, args=args, chief=chief)
     best_row = min(rows, key=lambda r: float(r["val_bits_per_code"]))
     summary = {
         "model": "pixelcnn", "run": str(run), "source": source.kind,
@@ -607,6 +773,7 @@ def train_pixelcnn(args, log=print):
         "checkpoint": str(run / "pixelcnn_best.keras"), "grid": list(grid_shape),
         "num_slices": hyper["num_slices"], "num_classes": hyper["num_classes"],
         "train_grids": len(codes["train"]), "validate_grids": len(codes["validate"]),
+        "replicas": strategy.num_replicas_in_sync, "precision": policy, "jit_compile": bool(prior.jit_compile),
     }
     write_json(run / "pixelcnn_summary.json", summary)
     return summary
@@ -642,6 +809,22 @@ def parse_args(argv=None):
     parser.add_argument("--verbose", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="Keras progress output: auto, 0, 1 (bar) or 2 (a line per epoch)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
+    scale = parser.add_argument_group("devices and scale-out (see the README's \"Scaling out\")")
+    scale.add_argument("--strategy", choices=["auto", "one-device", "mirrored", "multi-worker"], default="auto",
+                       help="tf.distribute strategy. auto: multi-worker when TF_CONFIG names several workers, "
+                            "mirrored over all local GPUs when there are several, else one device. mirrored: "
+                            "MirroredStrategy over the local GPUs (or the CPU devices of --cpu-replicas). "
+                            "multi-worker: MultiWorkerMirroredStrategy from TF_CONFIG; pass the same flags and "
+                            "--run on every worker. --batch-size is the global batch")
+    scale.add_argument("--cpu-replicas", type=int, default=0,
+                       help="split the CPU into this many logical devices and mirror over them (testing and "
+                            "demos of --strategy mirrored on a machine without GPUs)")
+    scale.add_argument("--mixed-precision", action="store_true",
+                       help="mixed precision: float16 compute on GPU (with loss scaling), bfloat16 on CPU; the "
+                            "quantizer's distances and moving averages stay float32")
+    scale.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="XLA-compile the train step (default: Keras's choice, on for GPUs; off on CPU, where "
+                            "it would give up bit-exact determinism)")
     vq = parser.add_argument_group("VQ-VAE (--model vqvae)")
     vq.add_argument("--image-size", type=int, default=None,
                     help="train at this square size (default: 256 on real data, 128 on phantoms)")
@@ -667,6 +850,9 @@ def parse_args(argv=None):
     prior.add_argument("--condition", choices=["auto", "none", "slice", "label", "both"], default="auto",
                        help="condition on the axial slice position (OASIS names) and/or the class folder; auto "
                             "uses whatever the data carry")
+    prior.add_argument("--no-position", action="store_true",
+                       help="leave out the learnt row/column position embedding (on by default: it tells each "
+                            "layer where in the slice it is, which shapes the brain outline)")
     args = parser.parse_args(argv)
     checks = [
         (args.batch_size is None or args.batch_size >= 1,
@@ -685,6 +871,7 @@ def parse_args(argv=None):
         (args.lr > 0, f"--lr must be positive. Received: {args.lr}"),
         (args.limit is None or args.limit >= 1, f"--limit must be at least 1. Received: {args.limit}"),
         (args.backup_every >= 1, f"--backup-every must be at least 1. Received: {args.backup_every}"),
+        (args.cpu_replicas >= 0, f"--cpu-replicas must be 0 or more. Received: {args.cpu_replicas}"),
     ]
     for ok, message in checks:
         if not ok:

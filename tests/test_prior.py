@@ -12,10 +12,10 @@ import modules
 H, W, K = 6, 7, 12
 
 
-def random_prior(num_slices=0, layers=3, seed=0):
+def random_prior(num_slices=0, layers=3, seed=0, positional=False):
     keras.utils.set_random_seed(seed)
     prior = modules.GatedPixelCNN(num_codes=K, filters=8, layers=layers, kernel_size=5, skip_filters=16,
-                                  num_slices=num_slices)
+                                  num_slices=num_slices, grid_size=(H, W) if positional else None)
     prior(tf.zeros((1, H, W), tf.int32))
     rng = np.random.default_rng(seed)
     for weight in prior.weights:  # biases too, so no unit is silent
@@ -23,8 +23,9 @@ def random_prior(num_slices=0, layers=3, seed=0):
     return prior
 
 
-def test_logits_never_see_the_current_or_later_codes_and_see_earlier_ones():
-    prior = random_prior()
+@pytest.mark.parametrize("positional", [False, True])
+def test_logits_never_see_the_current_or_later_codes_and_see_earlier_ones(positional):
+    prior = random_prior(positional=positional)
     codes = np.random.default_rng(1).integers(0, K, (1, H, W)).astype(np.int32)
     base = prior(codes).numpy()[0]
     influence = np.zeros((H * W, H * W), bool)  # influence[q, p]: changing code q changes logits at p
@@ -46,8 +47,9 @@ def test_logits_never_see_the_current_or_later_codes_and_see_earlier_ones():
 
 
 def test_fast_sampler_draws_exactly_the_naive_samplers_codes():
-    for num_slices, jit in ((0, False), (4, False), (4, True)):
-        prior = random_prior(num_slices=num_slices, seed=num_slices)
+    for num_slices, jit, positional in ((0, False, False), (4, False, False), (4, True, False), (0, False, True),
+                                        (4, True, True)):
+        prior = random_prior(num_slices=num_slices, seed=num_slices, positional=positional)
         uniform = tf.random.stateless_uniform((3, H, W), seed=[2, 3])
         slices = [0, 2, 3] if num_slices else -1
         naive = modules.sample_naive(prior, uniform, slice_index=slices).numpy()
@@ -73,8 +75,21 @@ def test_conditioning_changes_the_output_distribution():
     np.testing.assert_allclose(at(-1), at(99), atol=1e-6)  # unknown and out of range share "unknown"
 
 
+def test_position_embedding_reaches_its_own_row_and_not_the_rows_above():
+    prior = random_prior(positional=True)
+    codes = np.random.default_rng(1).integers(0, K, (1, H, W)).astype(np.int32)
+    base = prior(codes).numpy()[0]
+    table = prior.row_embed.embeddings
+    table.assign(table + tf.one_hot(3, H)[:, None])  # move row 3's embedding only
+    moved = np.abs(prior(codes).numpy()[0] - base).max(axis=-1)  # (H, W)
+    assert moved[:3].max() < 1e-6  # rows above never see row 3's position
+    assert moved[3].min() > 1e-4  # every position of row 3 does
+    with pytest.raises(ValueError, match=r"models 6x7 code grids. Received: codes of shape \(1, 5, 7\)"):
+        prior(np.zeros((1, 5, 7), np.int32))
+
+
 def test_shapes_and_save_load_round_trip(tmp_path):
-    prior = random_prior(num_slices=4)
+    prior = random_prior(num_slices=4, positional=True)
     inputs = {"codes": np.zeros((2, H, W), np.int32), "slice": np.array([1, 2], np.int32),
               "label": np.array([-1, -1], np.int32)}
     logits = prior(inputs).numpy()
@@ -101,3 +116,5 @@ def test_bad_prior_arguments_say_what_was_received():
         modules.GatedPixelCNN(kernel_size=4)
     with pytest.raises(ValueError, match="Received: layers=0"):
         modules.GatedPixelCNN(layers=0)
+    with pytest.raises(ValueError, match=r"Received: grid_size=\(4,\)"):
+        modules.GatedPixelCNN(grid_size=(4,))

@@ -1,0 +1,136 @@
+"""tf.distribute, mixed precision and XLA on the CPU: mirrored == single device, multi-worker stays in sync."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import modules
+import train
+from conftest import run_cli
+
+HERE = Path(__file__).resolve().parent
+
+
+def quiet_env(**extra):
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def test_mirrored_steps_match_a_single_device_on_the_same_global_batch(tmp_path):
+    out = tmp_path / "mirrored.json"
+    done = subprocess.run([sys.executable, str(HERE / "distributed_steps.py"), "mirrored", str(out)],
+                          env=quiet_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["replicas"] == 2
+    assert report["vqvae_updates"] == 3.0  # the codebook was updated (and codes restarted) on every step
+    for model in ("vqvae", "prior"):
+        assert report[model + "_moved"] > 1e-3, f"{model}: the steps did not move the weights"
+        worst = max(report[model], key=report[model].get)
+        assert report[model][worst] < 1e-5, f"{model}: {worst} differs by {report[model][worst]}"
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_loopback_end_with_identical_weights(tmp_path):
+    data = tmp_path / "slices"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(data / f"img_{i:02d}.png")
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    procs = []
+    try:
+        for index in range(2):
+            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            procs.append(subprocess.Popen(
+                [sys.executable, str(HERE / "distributed_steps.py"), "worker", str(data), str(tmp_path / f"w{index}.npz")],
+                env=quiet_env(TF_CONFIG=config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:  # never leave a worker behind, even on a timeout
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    w0, w1 = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
+    assert bool(w0["chief"]) and not bool(w1["chief"])
+    assert int(w0["replicas"]) == 2
+    weights = [k for k in w0.files if k.startswith("w")]
+    assert len(weights) > 10
+    for key in weights:
+        np.testing.assert_allclose(w0[key], w1[key], atol=1e-6, err_msg=key)
+
+
+def test_mixed_precision_step_keeps_the_quantizer_in_float32():
+    images = tf.random.stateless_uniform((4, 32, 32, 1), seed=[0, 1])
+    with train.dtype_policy("mixed_bfloat16"):
+        keras.utils.set_random_seed(0)
+        model = modules.VQVAE(downsample=4, channels=8, res_blocks=1, res_channels=8, num_codes=16, code_dim=4, seed=0)
+        model.build((None, 32, 32, 1))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        logs = model.train_on_batch(images, return_dict=True)
+        z = model.encoder(images)
+        quantized, indices = model.quantizer(z)
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # restored on the way out
+    assert z.dtype == tf.bfloat16 and quantized.dtype == tf.bfloat16
+    assert model.quantizer.codebook.dtype == "float32" and model.quantizer.ema_sums.dtype == "float32"
+    assert indices.dtype == tf.int32 and tuple(indices.shape) == (4, 8, 8)
+    flat = tf.reshape(tf.cast(z, tf.float32), (-1, 4))
+    expected = tf.argmin(tf.reduce_sum((flat[:, None] - model.quantizer.codebook[None]) ** 2, -1), -1)
+    np.testing.assert_array_equal(tf.reshape(indices, (-1,)).numpy(), expected.numpy())
+    assert all(np.isfinite(float(v)) for v in logs.values())
+    assert float(model.quantizer.updates) == 1.0
+
+    with train.dtype_policy("mixed_bfloat16"):
+        prior = modules.GatedPixelCNN(num_codes=16, filters=8, layers=2, skip_filters=8, grid_size=(8, 8))
+        prior.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        codes = tf.reshape(indices, (4, 8, 8))
+        loss = prior.train_on_batch(codes, codes)
+        logits = prior(codes)
+        sampled = modules.make_fast_sampler(prior, 2, 8, 8, jit_compile=False)(
+            tf.random.stateless_uniform((2, 8, 8), seed=[0, 2]))
+    assert logits.dtype == tf.float32 and np.isfinite(loss)
+    assert sampled.shape == (2, 8, 8) and int(tf.reduce_max(sampled)) < 16
+
+
+def test_train_cli_mirrored_over_two_cpu_devices(tmp_path, oasis_tree):
+    run = tmp_path / "run"
+    done = run_cli("train.py", "--model", "vqvae", "--data", oasis_tree, "--smoke", "--run", run, "--image-size", "32",
+                   "--batch-size", "4", "--strategy", "mirrored", "--cpu-replicas", "2", "--verbose", "0", "--json",
+                   timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MirroredStrategy, 2 replica(s) in sync" in done.stdout
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["replicas"] == 2 and 0.0 <= summary["val_ssim"] <= 1.0
+    assert (run / "vqvae_best.keras").is_file()
+    done = run_cli("train.py", "--model", "vqvae", "--data", oasis_tree, "--smoke", "--run", tmp_path / "odd",
+                   "--batch-size", "3", "--strategy", "mirrored", "--cpu-replicas", "2")
+    assert done.returncode == 2 and "does not split evenly over 2 replicas" in done.stderr
+
+
+def test_strategy_errors_are_one_line_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(train.TrainingError, match="needs the TF_CONFIG variable"):
+        train.make_strategy("multi-worker")
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(train.TrainingError, match="TF_CONFIG is not valid JSON"):
+        train.cluster_workers()
