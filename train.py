@@ -1,13 +1,16 @@
-"""Train the VQ-VAE on brain MRI slices.
+"""Train the VQ-VAE on brain MRI slices, or the gated PixelCNN prior over its codes.
 
     python train.py --model vqvae                      # built-in phantoms, CPU demo defaults
     python train.py --model vqvae --data PATH --epochs 30
+    python train.py --model pixelcnn                   # the prior, in the VQ-VAE's run folder
+    python train.py --model vqvae --data PATH --strategy mirrored --mixed-precision   # all local GPUs
 
 Everything a run writes goes to its run folder (default runs/vqvae-<time>,
 linked as runs/latest): the config next to the weights, best and last
 checkpoints (.keras, written atomically), a mid-epoch backup that an
-interrupted run resumes from, CSV and TensorBoard logs, a reconstruction grid
-per epoch and the training curves.
+interrupted run resumes from, CSV and TensorBoard logs, a figure per epoch
+(reconstructions, or new samples for the prior) and the training curves.
+Under a multi-worker strategy only the chief writes there.
 """
 
 import argparse

@@ -134,3 +134,20 @@ def test_strategy_errors_are_one_line_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(train.TrainingError, match="TF_CONFIG is not valid JSON"):
         train.cluster_workers()
+
+
+def test_a_killed_mirrored_run_resumes_from_its_backup(tmp_path, oasis_tree):
+    from test_train_predict import kill_after_epoch, last_json
+
+    run = tmp_path / "run"
+    args = ["train.py", "--model", "vqvae", "--data", str(oasis_tree), "--run", str(run), "--epochs", "6",
+            "--image-size", "32", "--batch-size", "4", "--channels", "16", "--res-channels", "8", "--codes", "32",
+            "--code-dim", "8", "--backup-every", "1", "--strategy", "mirrored", "--cpu-replicas", "2",
+            "--verbose", "2", "--json"]
+    first = kill_after_epoch([sys.executable, *args], run / "vqvae_backup" / "training_metadata.json", 2)
+    assert 2 <= first < 6, "the run finished before it could be interrupted"
+    done = run_cli(*args, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming the interrupted run" in done.stdout and "2 replica(s) in sync" in done.stdout
+    assert f"Epoch {first + 1}/6" in done.stdout and "Epoch 1/6" not in done.stdout
+    assert last_json(done.stdout)["epochs"] == 6
