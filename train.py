@@ -375,9 +375,7 @@ def make_strategy(name="auto", cpu_replicas=0):
     if not cluster_workers():
         raise TrainingError("--strategy multi-worker needs the TF_CONFIG variable naming the cluster and this "
                             "worker's task; see the README's \"Scaling out\" section.")
-    options = tf.distribute.experimental.CommunicationOptions(
-        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def task_of(strategy):
@@ -409,15 +407,15 @@ def dtype_policy(name):
         keras.mixed_precision.set_dtype_policy(before)
 
 
-def setup_devices(args, log):
-    """Strategy, task and precision for a run, from the flags; logs the devices line.
+def setup_devices(args):
+    """Strategy, task and precision for a run, from the flags (checked against each other).
 
     Returns (strategy, chief, task_id, policy). Non-chief workers of a
     multi-worker run write their files under `<run>/.worker-<id>` instead of
     the run folder (see `worker_folder`).
     """
     strategy = make_strategy(args.strategy, args.cpu_replicas)
-    task_type, task_id, chief = task_of(strategy)
+    _, task_id, chief = task_of(strategy)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and not args.run:
         raise TrainingError("a multi-worker run needs --run, the same folder on every worker.")
     batch = args.batch_size or (16 if args.model == "vqvae" else 32)
@@ -490,7 +488,7 @@ def write_json(path, payload):
 def train_vqvae(args, log=print):
     """Trains a VQ-VAE as `args` say; returns the summary dict."""
     start = time.perf_counter()
-    strategy, chief, task_id, policy = setup_devices(args, log)
+    strategy, chief, task_id, policy = setup_devices(args)
     run = worker_folder(args.run or new_run_dir("vqvae"), chief, task_id)
     run, resuming = prepare_run(run, args.overwrite)
     config_path = run / "vqvae_config.json"
@@ -701,7 +699,7 @@ def conditioning(mode, source, splits):
 def train_pixelcnn(args, log=print):
     """Trains the gated PixelCNN prior over the codes of the run's VQ-VAE; returns the summary dict."""
     start = time.perf_counter()
-    strategy, chief, task_id, policy = setup_devices(args, log)
+    strategy, chief, task_id, policy = setup_devices(args)
     vq_run = Path(args.run or RUNS / "latest")
     vqvae, vq_config = load_run_vqvae(vq_run)
     run, resuming = prepare_run(worker_folder(vq_run, chief, task_id), args.overwrite, "pixelcnn")
