@@ -16,6 +16,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
@@ -564,6 +565,46 @@ class GatedPixelCNN(keras.Model):
         if self.conditional or self.grid_size is not None:
             self.cond_v = [keras.layers.Dense(2 * filters, use_bias=False, name=f"cond_v{i}") for i in range(layers)]
             self.cond_h = [keras.layers.Dense(2 * filters, use_bias=False, name=f"cond_h{i}") for i in range(layers)]
+
+    def init_from_codebook(self, codebook):
+        """Starts the code embedding (and the output layer) from the VQ-VAE's codebook.
+
+        Codes whose vectors are close decode to similar patches, so they
+        should start with similar embeddings; by default the prior starts
+        every code at an unrelated random vector and must learn that from
+        data, code by code. This sets each code's input embedding (and its
+        column of the output layer) to the codebook's principal components,
+        scaled to the magnitude of the default random start. It is only a
+        start: the weights stay trainable.
+
+        Args:
+            codebook: the VQ-VAE's code vectors, (num_codes, code_dim).
+
+        Example:
+        >>> prior = GatedPixelCNN(num_codes=16, filters=8, layers=2)
+        >>> _ = prior(keras.ops.zeros((1, 4, 4), "int32"))  # builds it
+        >>> prior.init_from_codebook(np.random.default_rng(0).normal(size=(16, 3)))
+        """
+        codebook = np.asarray(codebook, np.float64)
+        if codebook.ndim != 2 or codebook.shape[0] != self.num_codes:
+            raise ValueError(f"codebook must be (num_codes={self.num_codes}, code_dim). "
+                             f"Received: codebook of shape {codebook.shape}")
+        if not self.embed.built:
+            raise ValueError("call the prior once (to build it) before init_from_codebook.")
+        centred = codebook - codebook.mean(axis=0)
+        _, _, components = np.linalg.svd(centred, full_matrices=False)
+
+        def features(width, std):
+            out = np.zeros((self.num_codes, width))
+            used = min(width, components.shape[0])
+            out[:, :used] = centred @ components[:used].T
+            return out * (std / max(out.std(), 1e-12))
+
+        embed = self.embed.embeddings
+        embed.assign(features(embed.shape[1], float(np.std(ops.convert_to_numpy(embed)))).astype(embed.dtype))
+        kernel = self.head[1].kernel
+        cols = features(kernel.shape[2], float(np.std(ops.convert_to_numpy(kernel))))
+        kernel.assign(cols.T.reshape(kernel.shape).astype(kernel.dtype))
 
     def _unpack(self, inputs):
         if isinstance(inputs, dict):

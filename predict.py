@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from train import save_comparison, write_json  # noqa: E402
+from train import TrainingError, load_checkpoint, read_json, save_comparison, write_json  # noqa: E402
 
 
 class PredictError(RuntimeError):
@@ -54,7 +54,8 @@ def load_vqvae(run=None, checkpoint=None):
         `(model, config, path)`.
 
     Raises:
-        PredictError: missing, unreadable or mismatched checkpoints.
+        PredictError: no checkpoint there.
+        TrainingError: an unreadable or mismatched checkpoint or config.
     """
     path = Path(checkpoint) if checkpoint else Path(run) / "vqvae_best.keras"
     if not path.is_file():
@@ -62,19 +63,9 @@ def load_vqvae(run=None, checkpoint=None):
         raise PredictError(f"no trained VQ-VAE at {where}. Train one with `python train.py --model vqvae`, "
                            "or pass --run with a finished run folder.")
     config_path = path.parent / "vqvae_config.json"
-    try:
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    except (OSError, ValueError) as err:
-        raise PredictError(f"cannot read the run config {config_path} ({err}). Restore it or retrain.") from None
-    try:
-        model = keras.models.load_model(path, safe_mode=True, compile=False)
-    except Exception as err:  # Keras raises many kinds for a bad file
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise PredictError(f"cannot read checkpoint {path} ({reason}). It may be truncated or not a VQ-VAE; "
-                           "retrain, or pass another --run/--checkpoint.") from None
-    if not isinstance(model, modules.VQVAE):
-        raise PredictError(f"checkpoint {path} holds a {type(model).__name__}, not a VQ-VAE. "
-                           "Pass the VQ-VAE's run folder.")
+    config = read_json(config_path, "run config") if config_path.is_file() else {}
+    fix = "Pass the run folder (--run) or checkpoint of a trained VQ-VAE, or retrain it."
+    model = load_checkpoint(path, modules.VQVAE, "VQ-VAE", fix)
     return model, config, path
 
 
@@ -141,15 +132,9 @@ def load_prior(run):
     if not path.is_file():
         raise PredictError(f"no trained prior in {run} (no pixelcnn_best.keras). Train one with "
                            "`python train.py --model pixelcnn` (same --run).")
-    try:
-        config = json.loads((Path(run) / "pixelcnn_config.json").read_text())
-        prior = keras.models.load_model(path, safe_mode=True, compile=False)
-    except Exception as err:  # Keras raises many kinds for a bad file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise PredictError(f"cannot read the prior in {run} ({reason}). Retrain it with --overwrite.") from None
-    if not isinstance(prior, modules.GatedPixelCNN):
-        raise PredictError(f"{path} holds a {type(prior).__name__}, not a gated PixelCNN.")
-    return prior, config
+    config = read_json(Path(run) / "pixelcnn_config.json", "prior config")
+    fix = "Retrain the prior with `python train.py --model pixelcnn --overwrite` (same --run)."
+    return load_checkpoint(path, modules.GatedPixelCNN, "gated PixelCNN prior", fix), config
 
 
 def nearest_ssim(images, split, image_size, fit, batch_size=64, label="training"):
@@ -357,7 +342,7 @@ def main(argv=None):
             summary = run_generation(args)
         else:
             summary = run_reconstruction(args)
-    except (dataset.DataError, PredictError) as err:
+    except (dataset.DataError, PredictError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.generate:

@@ -564,6 +564,25 @@ def train_vqvae(args, log=print):
 # ---------------------------------------------------------------------------
 
 
+def load_checkpoint(path, cls, what, fix):
+    """The `cls` model (a `what`) saved at `path`, loaded in safe mode.
+
+    Any failure (a missing, truncated or foreign file) is one TrainingError
+    line that names the file and ends with `fix`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"no checkpoint {path}. {fix}")
+    try:
+        model = keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:  # Keras raises many kinds for a bad file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise TrainingError(f"cannot read checkpoint {path} ({reason}). {fix}") from None
+    if not isinstance(model, cls):
+        raise TrainingError(f"checkpoint {path} holds a {type(model).__name__}, not a {what}. {fix}")
+    return model
+
+
 def load_run_vqvae(run):
     """The run's trained VQ-VAE (safe mode) and its config."""
     path = Path(run) / "vqvae_best.keras"
@@ -571,14 +590,7 @@ def load_run_vqvae(run):
         raise TrainingError(f"no trained VQ-VAE in {run} (no vqvae_best.keras). Train one first with "
                             "`python train.py --model vqvae`, or pass its run folder with --run.")
     config = read_json(Path(run) / "vqvae_config.json", "VQ-VAE config")
-    try:
-        model = keras.models.load_model(path, safe_mode=True, compile=False)
-    except Exception as err:  # Keras raises many kinds for a bad file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise TrainingError(f"cannot read checkpoint {path} ({reason}). Retrain the VQ-VAE.") from None
-    if not isinstance(model, modules.VQVAE):
-        raise TrainingError(f"checkpoint {path} holds a {type(model).__name__}, not a VQ-VAE.")
-    return model, config
+    return load_checkpoint(path, modules.VQVAE, "VQ-VAE", "Retrain the VQ-VAE."), config
 
 
 def file_digest(path):
@@ -746,6 +758,8 @@ def train_pixelcnn(args, log=print):
         prior = modules.GatedPixelCNN(**hyper)
         prior({"codes": tf.zeros((1, *grid_shape), tf.int32), "slice": tf.zeros((1,), tf.int32),
                "label": tf.zeros((1,), tf.int32)})
+        if not resuming:  # a resumed run restores its own weights
+            prior.init_from_codebook(keras.ops.convert_to_numpy(vqvae.quantizer.codebook))
         prior.compile(optimizer=keras.optimizers.Adam(args.lr),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=[modules.BitsPerCode()], jit_compile=jit_flag(args))

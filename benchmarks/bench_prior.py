@@ -2,15 +2,19 @@
 
 The priors model the code grids of one trained VQ-VAE (a run folder,
 default runs/latest), unconditionally, trained for the same wall-clock
-budget with the same batches (Adam 1e-3, batch 32), then scored on the
-held-out validation codes in bits per code. The gated prior runs as the
-product trains it (with its row/column position embedding) and, as an
-ablation, without the position embedding ("gated-nopos"). The plain model follows the
-keras.io example (a masked 7x7 "A" convolution, residual blocks with masked
-3x3 "B" convolutions, two masked 1x1 layers), with an embedding in place of
-the one-hot input and its depth chosen so both have a similar parameter count.
+budget (or, with --steps, the same number of steps) with the same batches
+(Adam 1e-3, batch 32), then scored on the held-out validation codes in
+bits per code, overall and split into background (the code of a black
+patch) and brain. The gated prior runs as train.py trains it (position
+embedding, code embedding started from the VQ-VAE's codebook) and, as
+ablations, without the position embedding ("gated-nopos") and with a
+random code embedding ("gated-random"). The plain model follows the
+keras.io example (a masked 7x7 "A" convolution, residual blocks with
+masked 3x3 "B" convolutions, two masked 1x1 layers), with an embedding in
+place of the one-hot input and its depth chosen so both have a similar
+parameter count.
 
-    python benchmarks/bench_prior.py [--run runs/latest] [--minutes 5] [--json]
+    python benchmarks/bench_prior.py [--run runs/latest] [--minutes 5 | --steps N] [--size default|demo] [--json]
 """
 
 import argparse
@@ -29,6 +33,11 @@ import train  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+
+SIZES = {"default": {"filters": 64, "layers": 8, "skip_filters": 128},
+         "demo": {"filters": train.DEMO["filters"], "layers": train.DEMO["layers"],
+                  "skip_filters": train.DEMO["skip_filters"]}}
 
 
 class MaskedConv(keras.layers.Layer):
@@ -54,9 +63,9 @@ class MaskedConv(keras.layers.Layer):
         return self.conv.activation(out)
 
 
-def plain_pixelcnn(num_codes, grid, filters=128, blocks=8):
+def plain_pixelcnn(num_codes, grid, filters=128, blocks=8, embed=64):
     inputs = keras.Input(grid, dtype="int32")
-    x = keras.layers.Embedding(num_codes, 64)(inputs)
+    x = keras.layers.Embedding(num_codes, embed)(inputs)
     x = MaskedConv("A", filters, 7, activation="relu")(x)
     for _ in range(blocks):
         y = keras.layers.Conv2D(filters, 1, activation="relu")(x)
@@ -68,41 +77,60 @@ def plain_pixelcnn(num_codes, grid, filters=128, blocks=8):
     return keras.Model(inputs, keras.layers.Conv2D(num_codes, 1)(x), name="plain_pixelcnn")
 
 
-def bits_per_code(model, codes, batch=64):
-    nll, count = 0.0, 0
+def code_bits(model, codes, batch=64):
+    """Negative log-likelihood of every code, in bits: (N, H, W)."""
+    bits = []
     for start in range(0, len(codes), batch):
         chunk = tf.constant(codes[start:start + batch].astype(np.int32))
         logits = model(chunk, training=False)
-        nll += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(chunk, logits, from_logits=True)))
-        count += int(tf.size(chunk))
-    return nll / count / math.log(2.0)
+        bits.append(keras.losses.sparse_categorical_crossentropy(chunk, logits, from_logits=True).numpy())
+    return np.concatenate(bits) / math.log(2.0)
 
 
-def train_for(model, codes, minutes, batch=32, seed=0, log=print, name=""):
+def background_code(vqvae, image_size):
+    """The code of an all-black patch (the most common code of a black image)."""
+    codes = vqvae.encode(tf.zeros((1, image_size, image_size, 1))).numpy().ravel()
+    return int(np.bincount(codes).argmax())
+
+
+def train_for(model, codes, minutes, steps=None, batch=32, seed=0, log=print, name=""):
+    """Trains on shuffled batches for `minutes` of step time, or for exactly `steps` steps."""
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     stream = dataset.index_stream(len(codes), batch, shuffle=True, seed=seed, repeat=True, drop_remainder=True)
     table = tf.constant(codes.astype(np.int32))
-    batches = iter(stream.batch(batch).map(lambda i: tf.gather(table, i)))
-    trained, steps = 0.0, 0
-    while trained < minutes * 60:
+
+    def gather(indices):
+        return tf.gather(table, indices)
+
+    batches = iter(stream.batch(batch).map(gather))
+    trained, done = 0.0, 0
+    while (done < steps) if steps else (trained < minutes * 60):
         x = next(batches)
         start = time.perf_counter()
         model.train_on_batch(x, x)
         trained += time.perf_counter() - start
-        steps += 1
-    log(f"  {name}: {steps} steps in {trained / 60:.1f} min")
-    return steps
+        done += 1
+    log(f"  {name}: {done} steps in {trained / 60:.1f} min")
+    return done, trained
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="runs/latest", help="run folder with a trained VQ-VAE")
     parser.add_argument("--minutes", type=float, default=5.0, help="training wall-time budget per prior")
-    parser.add_argument("--models", nargs="+", choices=["gated", "gated-nopos", "plain"],
-                        default=["gated", "gated-nopos", "plain"],
-                        help="priors to train: gated (the product's default, with the position embedding), "
-                             "gated-nopos (without it), plain (keras.io)")
+    parser.add_argument("--models", nargs="+", choices=["gated", "gated-nopos", "gated-random", "plain"],
+                        default=["gated", "gated-nopos", "gated-random", "plain"],
+                        help="priors to train: gated (as train.py trains it: position embedding, code "
+                             "embedding started from the codebook), gated-nopos (without the position "
+                             "embedding), gated-random (random code embedding), plain (keras.io)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train every prior for exactly this many steps instead of --minutes (a budget free "
+                             "of timing noise, for ablations)")
+    parser.add_argument("--size", choices=["default", "demo"], default="default",
+                        help="gated prior size: default (train.py's: 64 filters, 8 layers, 128 skip channels) or "
+                             "demo (the phantom quick start's: 32, 6, 64). The plain model gets twice the gated "
+                             "filters (keras.io uses 128) and the number of blocks that matches the parameters")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
     try:
@@ -116,33 +144,47 @@ def main(argv=None):
               for name in ("train", "validate")}
     codes = train.cached_codes(args.run, vqvae, vq_config, splits)
     grid, k = codes["train"].shape[1:], vqvae.num_codes
+    size = SIZES[args.size]
     models = {}
-    for name, grid_size in (("gated", grid), ("gated-nopos", None)):
+    codebook = vqvae.quantizer.codebook.numpy()
+    for name, grid_size, from_codebook in (("gated", grid, True), ("gated-nopos", None, True),
+                                            ("gated-random", grid, False)):
         keras.utils.set_random_seed(0)
-        models[name] = modules.GatedPixelCNN(num_codes=k, grid_size=grid_size)
+        models[name] = modules.GatedPixelCNN(num_codes=k, grid_size=grid_size, **size)
         models[name](tf.zeros((1, *grid), tf.int32))
+        if from_codebook:
+            models[name].init_from_codebook(codebook)
     target = models["gated"].count_params()
-    blocks = min(range(1, 40), key=lambda b: abs(plain_pixelcnn(k, grid, blocks=b).count_params() - target))
+    plain = {"filters": 2 * size["filters"], "embed": size["filters"]}
+    blocks = min(range(1, 40), key=lambda b: abs(plain_pixelcnn(k, grid, blocks=b, **plain).count_params() - target))
     keras.utils.set_random_seed(0)
-    models["plain"] = plain_pixelcnn(k, grid, blocks=blocks)
+    models["plain"] = plain_pixelcnn(k, grid, blocks=blocks, **plain)
     models = {name: models[name] for name in args.models}
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
     print(f"codes of {args.run} ({vq_config['source']} data): {len(codes['train'])} train / "
-          f"{len(codes['validate'])} validate grids of {grid[0]}x{grid[1]}, K={k}; {args.minutes} min per prior")
+          f"{len(codes['validate'])} validate grids of {grid[0]}x{grid[1]}, K={k}; {args.size} size, "
+          f"{budget} per prior")
+    black = codes["validate"] == background_code(vqvae, vq_config["image_size"])
+    print(f"background (the code of a black patch): {black.mean():.1%} of the validation codes")
     results = {}
     for name, model in models.items():
         keras.utils.set_random_seed(0)
-        steps = train_for(model, codes["train"], args.minutes, name=name)
-        results[name] = {"params": model.count_params(), "steps": steps,
-                         "val_bits_per_code": bits_per_code(model, codes["validate"])}
-    print(f"{'prior':12s} {'params':>10s} {'steps':>6s} {'val bits/code':>14s}")
+        steps, seconds = train_for(model, codes["train"], args.minutes, args.steps, name=name)
+        bits = code_bits(model, codes["validate"])
+        results[name] = {"params": model.count_params(), "steps": steps, "train_seconds": round(seconds, 1),
+                         "val_bits_per_code": float(bits.mean()),
+                         "background_bits": float(bits[black].mean()) if black.any() else None,
+                         "brain_bits": float(bits[~black].mean()) if (~black).any() else None}
+    print(f"{'prior':12s} {'params':>10s} {'steps':>6s} {'val bits/code':>14s} {'background':>11s} {'brain':>7s}")
     for name, r in results.items():
-        print(f"{name:12s} {r['params']:10,d} {r['steps']:6d} {r['val_bits_per_code']:14.3f}")
-    summary = {**results, "minutes": args.minutes, "run": args.run, "source": vq_config["source"]}
+        print(f"{name:12s} {r['params']:10,d} {r['steps']:6d} {r['val_bits_per_code']:14.3f} "
+              f"{r['background_bits'] or float('nan'):11.3f} {r['brain_bits'] or float('nan'):7.3f}")
+    summary = {**results, "minutes": None if args.steps else args.minutes, "steps": args.steps, "size": args.size, "run": args.run, "source": vq_config["source"]}
     if "plain" in results:
-        for name in ("gated", "gated-nopos"):
+        for name, key in (("gated", "ratio"), ("gated-nopos", "ratio_nopos"), ("gated-random", "ratio_random")):
             if name in results:
                 ratio = results[name]["val_bits_per_code"] / results["plain"]["val_bits_per_code"]
-                summary["ratio" if name == "gated" else "ratio_nopos"] = ratio
+                summary[key] = ratio
                 print(f"{name} / plain = {ratio:.3f}")
     print(f"(a uniform prior would score {math.log2(k):.2f} bits per code)")
     if args.json:

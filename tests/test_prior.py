@@ -118,3 +118,35 @@ def test_bad_prior_arguments_say_what_was_received():
         modules.GatedPixelCNN(layers=0)
     with pytest.raises(ValueError, match=r"Received: grid_size=\(4,\)"):
         modules.GatedPixelCNN(grid_size=(4,))
+
+
+def test_init_from_codebook_gives_similar_codes_similar_embeddings():
+    prior = modules.GatedPixelCNN(num_codes=K, filters=8, layers=2, skip_filters=16)
+    prior(tf.zeros((1, H, W), tf.int32))
+    random_std = float(np.std(prior.embed.embeddings.numpy()))
+    codebook = np.random.default_rng(0).normal(size=(K, 3)) * [5.0, 1.0, 0.2] + 7.0
+    prior.init_from_codebook(codebook)
+    embed = prior.embed.embeddings.numpy()
+    # All principal components fit in 8 filters, so distances between codes are kept up to one scale.
+    code_d = np.linalg.norm(codebook[:, None] - codebook[None], axis=-1)
+    embed_d = np.linalg.norm(embed[:, None] - embed[None], axis=-1)
+    np.testing.assert_allclose(embed_d, code_d * (embed_d.sum() / code_d.sum()), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(embed.std(), random_std, rtol=1e-4)
+    columns = prior.head[1].kernel.numpy()[0, 0].T  # (K, skip_filters): the output side too
+    head_d = np.linalg.norm(columns[:, None] - columns[None], axis=-1)
+    np.testing.assert_allclose(head_d, code_d * (head_d.sum() / code_d.sum()), rtol=1e-4, atol=1e-6)
+    # Fewer filters than code dimensions: the leading components are kept.
+    narrow = modules.GatedPixelCNN(num_codes=K, filters=2, layers=1, skip_filters=4)
+    narrow(tf.zeros((1, H, W), tf.int32))
+    narrow.init_from_codebook(codebook)
+    first = narrow.embed.embeddings.numpy()[:, 0]
+    assert abs(np.corrcoef(first, codebook[:, 0])[0, 1]) > 0.99
+
+
+def test_init_from_codebook_rejects_a_wrong_codebook_or_an_unbuilt_prior():
+    prior = modules.GatedPixelCNN(num_codes=K, filters=8, layers=1, skip_filters=8)
+    with pytest.raises(ValueError, match="call the prior once"):
+        prior.init_from_codebook(np.zeros((K, 3)))
+    prior(tf.zeros((1, H, W), tf.int32))
+    with pytest.raises(ValueError, match=r"Received: codebook of shape \(5, 3\)"):
+        prior.init_from_codebook(np.zeros((5, 3)))

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+import modules  # noqa: F401  (registers the custom classes that load_model reads)
 from conftest import REPO, make_oasis_tree, run_cli
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8", "--codes", "32",
