@@ -35,9 +35,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 
-SIZES = {"default": {"filters": 64, "layers": 8, "skip_filters": 128},
-         "demo": {"filters": train.DEMO["filters"], "layers": train.DEMO["layers"],
-                  "skip_filters": train.DEMO["skip_filters"]}}
+# The prior sizes train.py uses: on real data (default) and in the phantom quick start (demo).
+SIZES = {name: {key: sizes[key] for key in ("filters", "layers", "skip_filters")}
+         for name, sizes in (("default", train.REAL), ("demo", train.DEMO))}
 
 
 class MaskedConv(keras.layers.Layer):
@@ -179,7 +179,8 @@ def main(argv=None):
     for name, r in results.items():
         print(f"{name:12s} {r['params']:10,d} {r['steps']:6d} {r['val_bits_per_code']:14.3f} "
               f"{r['background_bits'] or float('nan'):11.3f} {r['brain_bits'] or float('nan'):7.3f}")
-    summary = {**results, "minutes": None if args.steps else args.minutes, "steps": args.steps, "size": args.size, "run": args.run, "source": vq_config["source"]}
+    summary = {**results, "minutes": None if args.steps else args.minutes, "steps": args.steps, "size": args.size,
+               "run": args.run, "source": vq_config["source"]}
     if "plain" in results:
         for name, key in (("gated", "ratio"), ("gated-nopos", "ratio_nopos"), ("gated-random", "ratio_random")):
             if name in results:
