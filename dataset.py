@@ -15,8 +15,11 @@ Three sources, picked by `load_source`:
                written once as PNGs in the OASIS layout under a cache folder,
                so the real PNG path is what runs.
 
-Every file is checked by reading its header and chunk/marker structure (no
-full decode), so a bad file is reported by name before training starts.
+Every file is checked by reading its header and chunk/marker structure, then
+decoded once exactly as the pipeline decodes it; files that decoded are
+remembered by (path, size, mtime) in a small cache file, so later runs decode
+only new or changed files. A bad file is reported by name before training
+starts instead of stopping it mid-epoch.
 
 Run `python dataset.py --preview grid.png` to see what the model will see.
 """
@@ -28,6 +31,8 @@ import os
 import re
 import struct
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +57,8 @@ OASIS_NAME = re.compile(r"case_(\d+)_slice_(\d+)", re.IGNORECASE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # colour type -> decoded channels
 PHANTOM_VERSION = 1  # bump when the generator changes: cached sets are keyed by it
+DECODED_VERSION = 1  # bump when the decode check changes: older lists of decoded files are ignored
+PROGRESS_MIN_FILES = 1000  # show a progress bar when more files than this need decoding
 
 
 class DataError(ValueError):
@@ -286,7 +293,7 @@ def split_files(paths, *, root, seed=0, fractions=(0.8, 0.1, 0.1), class_names=N
 
 
 # ---------------------------------------------------------------------------
-# Checking the files without decoding them
+# Checking the files: structure first, then one cached full decode
 # ---------------------------------------------------------------------------
 
 
@@ -395,8 +402,115 @@ def inspect_image(path):
     return info
 
 
-def check_split(name, split, *, on_bad="error", warn=None):
+def _file_key(path):
+    """`(size, mtime_ns)` of a file, to tell whether it changed; None when it cannot be read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _decoded_list_file(paths, cache_dir):
+    """The cache file remembering decoded files, one per folder the files share."""
+    folder = os.path.commonpath([os.path.dirname(p) for p in paths])
+    digest = hashlib.sha1(os.fsencode(folder)).hexdigest()[:16]
+    return Path(cache_dir or default_cache_dir()) / "decoded" / f"{digest}.json"
+
+
+def _load_decoded(list_file):
+    """The `{absolute path: (size, mtime_ns)}` a previous run decoded; empty when missing or unreadable."""
+    try:
+        data = json.loads(Path(list_file).read_text())
+        if data["version"] != DECODED_VERSION:
+            return {}
+        return {str(path): (int(size), int(mtime)) for path, (size, mtime) in data["files"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # missing or corrupt: rebuilt
+        return {}
+
+
+def _save_decoded(list_file, decoded):
+    """Writes the list atomically (temp file, then rename); failing to write only costs a re-check."""
+    tmp = None
+    try:
+        list_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=list_file.parent, prefix=f".{list_file.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": DECODED_VERSION, "files": {p: list(k) for p, k in decoded.items()}}, f)
+        os.replace(tmp, list_file)
+    except OSError:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _decode_error(path):
+    """None when `path` decodes as the pipeline decodes it, else TensorFlow's reason in one line."""
+    try:
+        decode_image(tf.io.read_file(path))
+    except tf.errors.OpError as err:
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", err.message).strip()  # drop TF's node and op tags
+        return reason.splitlines()[0].rstrip(".") if reason else type(err).__name__
+    return None
+
+
+def find_undecodable(paths, *, cache_dir=None):
+    """The files the pipeline's decoder rejects, decoding each new or changed file once.
+
+    A PNG/JPEG whose structure is intact can still hold damaged compressed
+    data that only a full decode finds, and that would stop training
+    mid-epoch. Each file is decoded exactly as the pipeline decodes it
+    (`decode_image`); the files that decode are remembered by (absolute
+    path, size, mtime) in a small JSON file under `cache_dir/decoded/`, so a
+    later run decodes only new or changed files. A missing or corrupt list
+    is simply rebuilt. A progress bar is shown when more than
+    `PROGRESS_MIN_FILES` files need decoding.
+
+    Args:
+        paths: image file paths.
+        cache_dir: parent folder of the list (default `default_cache_dir()`).
+
+    Returns:
+        A dict path -> one-line message naming the file and the fix, for the
+        files that fail to decode, in the order of `paths`.
+    """
+    if not paths:
+        return {}
+    absolute = [os.path.abspath(p) for p in paths]
+    list_file = _decoded_list_file(absolute, cache_dir)
+    decoded = _load_decoded(list_file)
+    keys = {a: _file_key(a) for a in absolute}
+    todo = [(p, a) for p, a in zip(paths, absolute) if keys[a] is None or decoded.get(a) != keys[a]]
+    if not todo:
+        return {}
+    bar = None
+    if len(todo) > PROGRESS_MIN_FILES:
+        import keras
+
+        print(f"Decoding {len(todo)} new or changed images once to check them ...", file=sys.stderr)
+        bar = keras.utils.Progbar(len(todo), unit_name="image", interval=0.5)
+    bad = {}
+    with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
+        for (path, a), reason in zip(todo, pool.map(_decode_error, [a for _, a in todo])):
+            if reason is None:
+                decoded[a] = keys[a]
+            else:
+                decoded.pop(a, None)
+                bad[path] = f"corrupt image: {path} cannot be decoded ({reason}). Re-export it or delete it."
+            if bar is not None:
+                bar.add(1)
+    # Merge with what other splits or runs wrote meanwhile; forget deleted, changed and bad files.
+    failed = {os.path.abspath(p) for p in bad}
+    merged = {**_load_decoded(list_file), **decoded}
+    _save_decoded(list_file, {a: k for a, k in merged.items()
+                              if k is not None and a not in failed and _file_key(a) == k})
+    return bad
+
+
+def check_split(name, split, *, on_bad="error", warn=None, cache_dir=None):
     """Checks every file of a split; returns the good part and notes.
+
+    Each file's structure is checked (`inspect_image`), then the files that
+    pass are decoded once (`find_undecodable`, cached across runs).
 
     Args:
         name: the split's name, for messages.
@@ -404,6 +518,8 @@ def check_split(name, split, *, on_bad="error", warn=None):
         on_bad: "error" raises on the first bad file; "skip" leaves bad
             files out, warning about each by name.
         warn: callable taking a message (default: print to stderr).
+        cache_dir: where the list of decoded files is kept (default
+            `default_cache_dir()`).
 
     Returns:
         `(split, notes)`: the split without bad files, and one-line notes
@@ -425,6 +541,13 @@ def check_split(name, split, *, on_bad="error", warn=None):
             if on_bad == "error":
                 raise DataError(f"unreadable file: {path} ({err.strerror}). Check its permissions.") from None
             warn(f"skipped unreadable file: {path} ({err.strerror})")
+    undecodable = find_undecodable([split.paths[i] for i in keep], cache_dir=cache_dir)
+    for message in undecodable.values():
+        if on_bad == "error":
+            raise DataError(f"{message} (or pass --skip-bad to leave bad files out)")
+        warn(f"skipped {message}")
+    infos = [info for i, info in zip(keep, infos) if split.paths[i] not in undecodable]
+    keep = [i for i in keep if split.paths[i] not in undecodable]
     notes = []
     colour = sum(info.channels >= 2 for info in infos)
     if colour:
@@ -470,7 +593,8 @@ def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
         seed: seed of the split for generic folders.
         fractions: train/validate/test shares for generic folders.
         on_bad: "error" or "skip" (see `check_split`).
-        cache_dir: where phantoms are written (default `default_cache_dir()`).
+        cache_dir: where phantoms are written and the list of decoded files
+            is kept (default `default_cache_dir()`).
         phantom_subjects: (train, validate, test) subject counts for phantoms.
         warn: callable taking a warning message.
 
@@ -552,7 +676,7 @@ def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
                 )
 
     for s in SPLITS:
-        splits[s], split_notes = check_split(s, splits[s], on_bad=on_bad, warn=warn)
+        splits[s], split_notes = check_split(s, splits[s], on_bad=on_bad, warn=warn, cache_dir=cache_dir)
         notes.extend(split_notes)
         if not len(splits[s]):
             raise DataError(f"empty split: every '{s}' file under {root} was bad. Fix or replace the files.")
@@ -947,7 +1071,8 @@ def main(argv=None):
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out unreadable or corrupt files with a warning naming each, instead of stopping")
     parser.add_argument("--cache-dir", default=None,
-                        help="where the phantoms are written (default $BRAIN_VQVAE_CACHE or ~/.cache/brain-vqvae)")
+                        help="where the phantoms are written and the list of decoded files is kept "
+                             "(default $BRAIN_VQVAE_CACHE or ~/.cache/brain-vqvae)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
 

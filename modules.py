@@ -9,6 +9,8 @@ The downsampling factor f sets the code grid (f=4 gives 64x64 codes at 256 px,
 f=8 gives 32x32). The codebook learns by exponential moving averages by
 default (as Sonnet's VectorQuantizerEMA), restarts codes that fall out of use,
 and its usage is reported as perplexity and the fraction of codes in use.
+Reconstruction quality (SSIM and PSNR, whole image and inside the brain)
+comes from `metrics.py`.
 """
 
 import math
@@ -19,6 +21,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
+
+import metrics  # noqa: E402
 
 PACKAGE = "brain_vqvae"
 
@@ -61,9 +65,16 @@ class VectorQuantizer(keras.layers.Layer):
     """Maps each D-vector to its nearest of K codebook vectors.
 
     The nearest-code search runs in float32 whatever the dtype policy. The
-    output passes gradients straight through to the input (z + sg(q - z)),
-    and the layer adds the commitment loss `beta * |z - sg(q)|^2` (plus the
-    codebook loss `|sg(z) - q|^2` when the codebook is learnt by gradient).
+    output passes gradients straight through to the input (z + sg(q - z)).
+    With `return_loss=True` the layer also returns the commitment loss
+    `beta * |z - sg(q)|^2` (plus the codebook loss `|sg(z) - q|^2` when the
+    codebook is learnt by gradient), against the codes `q` this call used:
+    a training call updates the codebook afterwards, and the loss must not
+    see that update (on the first step, or for a restarted code, the new
+    vector is an unrelated seed). The layer does not `add_loss` it: layer
+    losses are Python lists shared by the replica threads of a mirrored
+    strategy, which would mix them; the caller adds the returned loss to
+    its own.
 
     With `ema=True` (default) the codebook is not trained by gradient but
     follows exponential moving averages of the vectors assigned to each
@@ -76,6 +87,10 @@ class VectorQuantizer(keras.layers.Layer):
     probability proportional to their squared distance to the codebook; on
     the first training batch every code is seeded so (a data-dependent
     initialisation).
+
+    The codebook and its statistics move only in a training call of a
+    trainable layer (`training and self.trainable`, as BatchNormalization's
+    moving statistics): set `trainable = False` to freeze them.
 
     Under a `tf.distribute` strategy the counts, sums and restart picks are
     all-reduced over the replicas, so every replica holds the same codebook
@@ -95,15 +110,23 @@ class VectorQuantizer(keras.layers.Layer):
         seed: seed of the restarts' random draws (None: 0), which are
             keyed by (seed, training update) and so reproducible on resume.
 
+    Call arguments:
+        inputs: vectors (..., code_dim), any float dtype.
+        training: update the codebook (EMA step, restarts) after the lookup.
+        return_loss: also return the quantization loss.
+
     Returns:
         `(quantized, indices)`: quantized vectors shaped like the input, and
-        int32 code indices shaped like the input without its last axis.
+        int32 code indices shaped like the input without its last axis;
+        with `return_loss=True`, `(quantized, indices, loss)` with the
+        float32 scalar loss of `quantization_loss` against the codes used.
 
     Example:
     >>> vq = VectorQuantizer(num_codes=8, code_dim=4)
     >>> quantized, indices = vq(keras.random.normal((2, 5, 5, 4)))
     >>> tuple(indices.shape)
     (2, 5, 5)
+    >>> _, _, loss = vq(keras.random.normal((2, 5, 5, 4)), return_loss=True)
     """
 
     def __init__(self, num_codes=512, code_dim=64, beta=0.25, ema=True, decay=0.99, epsilon=1e-5,
@@ -159,9 +182,8 @@ class VectorQuantizer(keras.layers.Layer):
     def quantization_loss(self, z, quantized):
         """The commitment loss of inputs `z` to their codes `quantized` (plus the codebook loss without EMA).
 
-        `call` adds it with `add_loss`; a model may also compute it here
-        itself (the VQ-VAE does: layer losses are shared Python state, which
-        a mirrored strategy's replica threads would mix).
+        `quantized` must be the codes the step used, looked up before any
+        codebook update (`call(..., return_loss=True)` returns exactly that).
         """
         z = ops.cast(z, "float32")
         loss = self.beta * ops.mean((z - ops.stop_gradient(quantized)) ** 2)
@@ -169,17 +191,19 @@ class VectorQuantizer(keras.layers.Layer):
             loss = loss + ops.mean((ops.stop_gradient(z) - quantized) ** 2)
         return loss
 
-    def call(self, inputs, training=False):
+    def call(self, inputs, training=False, return_loss=False):
         z = ops.cast(inputs, "float32")
         flat = ops.reshape(z, (-1, self.code_dim))
         flat_indices, distances = self.nearest(flat)
         indices = ops.reshape(flat_indices, ops.shape(z)[:-1])
+        # The codes of this step, read before the update below moves the codebook:
+        # the output and the loss both use these.
         quantized = self.lookup(indices)
-        self.add_loss(self.quantization_loss(z, quantized))
-        if training:
+        loss = self.quantization_loss(z, quantized) if return_loss else None
+        if training and self.trainable:
             self._update_codebook(ops.stop_gradient(flat), flat_indices, ops.stop_gradient(distances))
-        quantized = z + ops.stop_gradient(quantized - z)
-        return ops.cast(quantized, self.compute_dtype), indices
+        quantized = ops.cast(z + ops.stop_gradient(quantized - z), self.compute_dtype)
+        return (quantized, indices, loss) if return_loss else (quantized, indices)
 
     def _update_codebook(self, flat, indices, distances):
         """EMA step, then the restart of dead codes (in place)."""
@@ -232,6 +256,11 @@ class VectorQuantizer(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape, input_shape[:-1]
+
+    def compute_output_spec(self, inputs, training=False, return_loss=False):
+        quantized = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+        indices = keras.KerasTensor(inputs.shape[:-1], dtype="int32")
+        return (quantized, indices, keras.KerasTensor((), dtype="float32")) if return_loss else (quantized, indices)
 
     def get_config(self):
         config = super().get_config()
@@ -334,26 +363,15 @@ class CodebookUsage(keras.metrics.Metric):
         return {**super().get_config(), "num_codes": self.num_codes}
 
 
-def image_quality(images, reconstructions):
-    """Per-image SSIM and PSNR of reconstructions clipped to [0, 1].
-
-    SSIM is `tf.image.ssim` with max_val=1 (11x11 Gaussian window) at full
-    resolution.
-
-    Returns:
-        `(ssim, psnr)`, each a float32 tensor (batch,).
-    """
-    images = tf.cast(images, tf.float32)
-    reconstructions = tf.clip_by_value(tf.cast(reconstructions, tf.float32), 0.0, 1.0)
-    return tf.image.ssim(images, reconstructions, max_val=1.0), tf.image.psnr(images, reconstructions, max_val=1.0)
-
-
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class VQVAE(keras.Model):
     """VQ-VAE for single-channel images in [0, 1].
 
-    Tracks total, reconstruction (MSE) and VQ losses, SSIM, PSNR, perplexity
-    and the fraction of codes used, in training and evaluation.
+    Tracks total, reconstruction (MSE) and VQ losses, SSIM and PSNR (whole
+    image, and inside the brain as `ssim_brain` / `psnr_brain`; see
+    `metrics.image_quality`), perplexity and the fraction of codes used, in
+    training and evaluation. SSIM and PSNR are means over images; the brain
+    means leave out images whose brain mask is empty.
 
     Args:
         downsample: encoder stride; the code grid is image_size / downsample.
@@ -389,7 +407,7 @@ class VQVAE(keras.Model):
                                          dead_threshold=dead_threshold, seed=seed, name="quantizer")
         self.decoder = build_decoder(downsample, channels, res_blocks, res_channels)
         self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ("loss", "recon_loss", "vq_loss", "ssim", "psnr")}
+                         for name in ("loss", "recon_loss", "vq_loss", "ssim", "psnr", "ssim_brain", "psnr_brain")}
         self.usage = CodebookUsage(num_codes, name="codebook_usage")
 
     def build(self, input_shape):
@@ -408,32 +426,51 @@ class VQVAE(keras.Model):
         return [*self.trackers.values(), self.usage]
 
     def _forward(self, images, training):
+        """One pass: reconstructions, code indices, and the reconstruction and VQ losses.
+
+        The VQ loss is the quantizer's, against the codes this pass used:
+        in training the quantizer moves its codebook within this pass.
+        """
         z = self.encoder(images, training=training)
-        quantized, indices = self.quantizer(z, training=training)
+        quantized, indices, vq_loss = self.quantizer(z, training=training, return_loss=True)
         reconstructions = self.decoder(quantized, training=training)
         recon_loss = ops.mean((ops.cast(images, "float32") - ops.cast(reconstructions, "float32")) ** 2)
-        vq_loss = self.quantizer.quantization_loss(z, self.quantizer.lookup(indices))
         return reconstructions, indices, recon_loss, vq_loss
 
     def _log(self, images, reconstructions, indices, recon_loss, vq_loss):
-        ssim, psnr = image_quality(images, reconstructions)
+        quality = metrics.image_quality(images, reconstructions)
         # SSIM and PSNR are averaged per image (not per batch), so a partial
         # last batch counts for what it holds.
-        values = {"loss": recon_loss + vq_loss, "recon_loss": recon_loss, "vq_loss": vq_loss,
-                  "ssim": ssim, "psnr": psnr}
+        values = {"loss": recon_loss + vq_loss, "recon_loss": recon_loss, "vq_loss": vq_loss, **quality}
         for name, value in values.items():
-            self.trackers[name].update_state(value)
+            if name.endswith("_brain"):  # NaN for an empty brain mask: left out of the mean
+                known = ops.logical_not(ops.isnan(value))
+                self.trackers[name].update_state(ops.where(known, value, 0.0), sample_weight=ops.cast(known, "float32"))
+            else:
+                self.trackers[name].update_state(value)
         self.usage.update_state(indices)
         return {**{name: t.result() for name, t in self.trackers.items()}, **self.usage.result()}
 
+    # A custom step, not Keras's stock train_step/test_step with an overridden
+    # `compute_loss`: the stock step hands `compute_loss` and `compute_metrics`
+    # only `y_pred = self(x, training=True)`, the reconstruction. The VQ loss
+    # and the code indices exist only inside that forward pass (the loss is
+    # against the codes the step used, and the quantizer moves its codebook
+    # later in the same pass, so it cannot be recomputed in `compute_loss`).
+    # The stock way to carry them out is `add_loss` / `self.losses` (or any
+    # attribute), i.e. Python lists on the layers, which Keras clears when a
+    # call enters the model; under a MirroredStrategy the replicas' forward
+    # passes run in threads that take turns at the quantizer's all-reduces
+    # (merge_call), so a replica would clear or read another replica's loss.
+    # Returning them from `call` would change what `model(images)` is.
+    # So this step does what the stock one does, with the losses in hand:
+    # the per-replica mean loss scaled by 1/replicas (Keras's losses do the
+    # same; replicas' gradients are summed) and by the optimizer's loss scale.
     def train_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
         with tf.GradientTape() as tape:
             reconstructions, indices, recon_loss, vq_loss = self._forward(images, training=True)
-            loss = recon_loss + vq_loss
-            # Replicas' gradients are summed, so each contributes 1/R of the global mean.
-            scaled = loss / _replica_info()[0]
-            scaled = self.optimizer.scale_loss(scaled) if hasattr(self.optimizer, "scale_loss") else scaled
+            scaled = self.optimizer.scale_loss((recon_loss + vq_loss) / _replica_info()[0])
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
@@ -636,32 +673,163 @@ class GatedPixelCNN(keras.Model):
         return (self.row_embed(ops.arange(height))[:, None, :]
                 + self.col_embed(ops.arange(width))[None, :, :])
 
+    # The forward pass is written once, in pieces that `call` runs over the
+    # whole grid and the cached sampler (`start_state`, `step`, `push_code`,
+    # `finish_row`) runs one position or one row at a time, on the same layers
+    # with the same operations in the same order.
+
+    def _check_grid(self, height, width, received):
+        if self.grid_size is not None and (height, width) != self.grid_size:
+            raise ValueError(f"This prior models {self.grid_size[0]}x{self.grid_size[1]} code grids. "
+                             f"Received: {received}")
+
+    def _biases(self, cond, pos):
+        """The gates' conditioning and position terms, per layer, shaped to broadcast over (B, H, W, 2F).
+
+        Returns a dict with, of "cond_v", "cond_h" ((B, 1, 1, 2F) each) and
+        "pos_v", "pos_h" ((1, H, W, 2F) each), the ones this prior has, each
+        a tuple over layers.
+        """
+        biases = {}
+        if cond is not None:
+            biases["cond_v"] = tuple(layer(cond)[:, None, None, :] for layer in self.cond_v)
+            biases["cond_h"] = tuple(layer(cond)[:, None, None, :] for layer in self.cond_h)
+        if pos is not None:
+            biases["pos_v"] = tuple(layer(pos)[None] for layer in self.cond_v)
+            biases["pos_h"] = tuple(layer(pos)[None] for layer in self.cond_h)
+        return biases
+
+    @staticmethod
+    def _add_biases(x, cond, pos):
+        """`x` plus the conditioning term, then the position term (each may be None)."""
+        x = x if cond is None else x + cond
+        return x if pos is None else x + pos
+
+    def _horizontal_out(self, index, h_pre, h):
+        """Gates horizontal layer `index`: (its skip output, the next layer's horizontal input or None).
+
+        `h` is the layer's horizontal input at the same positions (residual
+        after the first layer).
+        """
+        gated = _gate(h_pre)
+        skip = self.skips[index](gated)
+        if index == self.num_layers - 1:  # the last layer's horizontal output would feed nothing
+            return skip, None
+        return skip, self.h_outs[index](gated) + (h if index > 0 else 0.0)
+
+    def _logits(self, skip):
+        # Logits in float32 under mixed precision too: the loss and sampling need them exact.
+        return ops.cast(self.head[1](ops.relu(self.head[0](ops.relu(skip)))), "float32")
+
     def call(self, inputs):
         codes, slices, labels = self._unpack(inputs)
-        if self.grid_size is not None and tuple(codes.shape[1:3]) != self.grid_size:
-            raise ValueError(f"This prior models {self.grid_size[0]}x{self.grid_size[1]} code grids. "
-                             f"Received: codes of shape {tuple(codes.shape)}")
-        cond, pos = self.condition(slices, labels), self.position()
+        self._check_grid(*tuple(codes.shape[1:3]), f"codes of shape {tuple(codes.shape)}")
+        biases = self._biases(self.condition(slices, labels), self.position())
         k, half = self.kernel_size, self.kernel_size // 2 + 1
         x = self.embed(ops.cast(codes, "int32"))
         v, h, skip = x, _shift_right(x), 0.0
         for i in range(self.num_layers):
+            term = lambda name: biases[name][i] if name in biases else None  # noqa: E731
             v_pre = self.v_convs[i](ops.pad(v, [[0, 0], [half - 1, 0], [k // 2, k // 2], [0, 0]]))
+            v_pre = self._add_biases(v_pre, term("cond_v"), term("pos_v"))
             h_pre = self.h_convs[i](ops.pad(h, [[0, 0], [0, 0], [half - 1, 0], [0, 0]]))
-            if cond is not None:
-                v_pre = v_pre + self.cond_v[i](cond)[:, None, None, :]
-                h_pre = h_pre + self.cond_h[i](cond)[:, None, None, :]
-            if pos is not None:
-                v_pre = v_pre + self.cond_v[i](pos)[None]
-                h_pre = h_pre + self.cond_h[i](pos)[None]
+            h_pre = self._add_biases(h_pre, term("cond_h"), term("pos_h"))
             h_pre = h_pre + self.v_to_h[i](_shift_down(v_pre))
             v = _gate(v_pre)
-            gated = _gate(h_pre)
-            skip = skip + self.skips[i](gated)
-            if i < self.num_layers - 1:
-                h = self.h_outs[i](gated) + (h if i > 0 else 0.0)
-        # Logits in float32 under mixed precision too: the loss and sampling need them exact.
-        return ops.cast(self.head[1](ops.relu(self.head[0](ops.relu(skip)))), "float32")
+            skip_i, h = self._horizontal_out(i, h_pre, h)
+            skip = skip + skip_i
+        return self._logits(skip)
+
+    def start_state(self, batch, height, width, slices=-1, labels=-1):
+        """The cached sampling state before the first code of a (batch, height, width) grid.
+
+        Cached sampling (Ramachandran et al. 2017) computes the logits of one
+        position at a time from what earlier positions left behind, instead
+        of a whole forward pass per code. Drive it in raster order:
+
+            state = prior.start_state(batch, height, width, slices, labels)
+            for i in range(height):
+                for j in range(width):
+                    logits, state = prior.step(state, i, j)
+                    code = ...  # drawn from logits, (batch,) int32
+                    state = prior.push_code(state, code)
+                state = prior.finish_row(state, i, codes_of_row_i)
+
+        The logits are those `call` gives at (i, j) for the codes pushed so
+        far (up to float rounding in the order of sums). The state holds, per
+        layer: for the vertical stack, a window of its input's last k//2 + 1
+        rows and its input to the horizontal stack for the current row; for
+        the horizontal stack, a window of its input's last k//2 + 1
+        positions in the current row; and the conditioning and position
+        terms of the gates. It is a dict of tensors (a loop variable of
+        `tf.function` loops); treat it as opaque.
+
+        Args:
+            batch: grids sampled at once.
+            height: grid rows; the prior's `grid_size` when it has one.
+            width: grid columns.
+            slices: slice indices to condition on, a scalar or (batch,); -1 for none.
+            labels: class labels to condition on, a scalar or (batch,); -1 for none.
+
+        Returns:
+            The state (a dict of tensors).
+        """
+        self._check_grid(height, width, f"height={height}, width={width}")
+        slices = ops.broadcast_to(ops.cast(slices, "int32"), (batch,))
+        labels = ops.broadcast_to(ops.cast(labels, "int32"), (batch,))
+        k, half, f = self.kernel_size, self.kernel_size // 2 + 1, self.filters
+        zeros = lambda *shape: ops.zeros(shape, self.compute_dtype)  # noqa: E731
+        state = self._biases(self.condition(slices, labels), self.position())
+        # Vertical windows, padded left and right by k//2 as `call` pads.
+        state["v_windows"] = tuple(zeros(batch, half, width + 2 * (k // 2), f) for _ in range(self.num_layers))
+        # Row 0 has zeros above it: its input from the vertical stack is the 1x1 convolution of zeros.
+        state["above"] = tuple(layer(zeros(batch, 1, width, 2 * f)) for layer in self.v_to_h)
+        state["h_windows"] = tuple(zeros(batch, 1, half, f) for _ in range(self.num_layers))
+        return state
+
+    def step(self, state, i, j):
+        """Logits (batch, num_codes) float32 of position (i, j), and the state with that position's features.
+
+        See `start_state`. Call `push_code` with the code drawn next.
+        """
+        cond, windows, skip, below = state.get("cond_h"), list(state["h_windows"]), 0.0, None
+        for layer in range(self.num_layers):
+            window = windows[layer]  # (B, 1, half, F)
+            if layer > 0:  # its window ends at this position's features from the layer below
+                window = ops.concatenate([window[:, :, 1:], below], axis=2)
+                windows[layer] = window
+            pos = None
+            if "pos_h" in state:  # (1, H, W, 2F) -> (1, 1, 1, 2F) at (i, j)
+                pos = ops.take(ops.take(state["pos_h"][layer], i, axis=1), j, axis=1)[:, None, None, :]
+            h_pre = self._add_biases(self.h_convs[layer](window), None if cond is None else cond[layer], pos)
+            h_pre = h_pre + ops.take(state["above"][layer], j, axis=2)[:, :, None, :]
+            skip_l, below = self._horizontal_out(layer, h_pre, window[:, :, -1:])
+            skip = skip + skip_l
+        return self._logits(skip)[:, 0, 0], {**state, "h_windows": tuple(windows)}
+
+    def push_code(self, state, code):
+        """The state once `code` (batch,) int32 is drawn at the current position; see `start_state`."""
+        # The first layer ("mask A") sees the codes strictly left of the position it predicts.
+        window = state["h_windows"][0]
+        window = ops.concatenate([window[:, :, 1:], self.embed(code)[:, None, None, :]], axis=2)
+        return {**state, "h_windows": (window, *state["h_windows"][1:])}
+
+    def finish_row(self, state, i, codes):
+        """The state for row i + 1, once row i's codes (batch, width) int32 are all drawn; see `start_state`."""
+        k, windows, above = self.kernel_size, [], []
+        layer_input = self.embed(ops.cast(codes, "int32"))[:, None]  # (B, 1, W, F)
+        for layer in range(self.num_layers):
+            padded = ops.pad(layer_input, [[0, 0], [0, 0], [k // 2, k // 2], [0, 0]])
+            window = ops.concatenate([state["v_windows"][layer][:, 1:], padded], axis=1)
+            v_pre = self.v_convs[layer](window)  # (B, 1, W, 2F): row i of the vertical stack
+            cond = state["cond_v"][layer] if "cond_v" in state else None
+            pos = ops.take(state["pos_v"][layer], i, axis=1)[:, None] if "pos_v" in state else None
+            v_pre = self._add_biases(v_pre, cond, pos)
+            above.append(self.v_to_h[layer](v_pre))  # the horizontal stack sees it one row down
+            layer_input = _gate(v_pre)
+            windows.append(window)
+        zeros = tuple(ops.zeros_like(window) for window in state["h_windows"])
+        return {**state, "v_windows": tuple(windows), "above": tuple(above), "h_windows": zeros}
 
     def train_step(self, data):
         return _cluster_logs(super().train_step(data))
@@ -706,13 +874,6 @@ def sample_codes(logits, uniform, temperature=1.0):
     return tf.minimum(code, tf.shape(logits)[-1] - 1)
 
 
-def _condition_for(prior, batch, slice_index, label):
-    """Conditioning of a batch from scalars (one value for all) or (B,) vectors; -1 means none."""
-    slices = tf.broadcast_to(tf.cast(slice_index, tf.int32), (batch,))
-    labels = tf.broadcast_to(tf.cast(label, tf.int32), (batch,))
-    return prior.condition(slices, labels), slices, labels
-
-
 def make_naive_sampler(prior, batch, height, width, temperature=1.0):
     """The reference sampler: one full forward pass of the prior per code position.
 
@@ -755,103 +916,40 @@ def sample_naive(prior, uniform, temperature=1.0, slice_index=-1, label=-1, posi
 def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=True):
     """A compiled cached sampler for `prior` (Ramachandran et al. 2017).
 
-    Instead of recomputing the whole grid for every code, it keeps per-layer
-    state: for the horizontal stack, a sliding window of the last k//2 + 1
-    inputs of the current row; for the vertical stack, a window of the last
-    k//2 + 1 rows, advanced once per finished row, together with the
-    vertical-to-horizontal input of the next row. Each step computes only
-    what the new code changes, with the prior's own weights, so it draws
-    exactly the codes `sample_naive` draws from the same uniforms (up to
-    float rounding in the order of sums).
+    A thin loop over the prior's own cached steps (`GatedPixelCNN.start_state`,
+    `step`, `push_code`, `finish_row`): instead of recomputing the whole grid
+    for every code, each step computes only what the new code changes, with
+    the prior's own layers, so it draws exactly the codes `sample_naive`
+    draws from the same uniforms (up to float rounding in the order of sums).
+
+    Args:
+        prior: a built `GatedPixelCNN`.
+        batch: grids per call.
+        height: grid rows (the prior's `grid_size` when it has one).
+        width: grid columns.
+        temperature: softmax temperature of the draws.
+        jit_compile: compile the loop with XLA (much faster on a CPU).
 
     Returns:
         A function `sample(uniform, slice_index=-1, label=-1) -> codes (B, H, W)`
         taking float32 uniforms (B, H, W) and, for conditioning, a slice index
         and a label, each a scalar for the whole batch or a (B,) vector.
     """
-    k, half, c = prior.kernel_size, prior.kernel_size // 2 + 1, prior.filters
-    n_layers = prior.num_layers
-
-    def kernel(layer):
-        return tf.convert_to_tensor(layer.kernel), tf.convert_to_tensor(layer.bias)
-
-    def step_weights():
-        return {
-            "embed": tf.convert_to_tensor(prior.embed.embeddings),
-            "v": [kernel(layer) for layer in prior.v_convs],
-            "h": [(layer.kernel[0], layer.bias) for layer in prior.h_convs],  # (half, C, 2C)
-            "vh": [(layer.kernel[0, 0], layer.bias) for layer in prior.v_to_h],
-            "out": [(layer.kernel[0, 0], layer.bias) for layer in prior.h_outs],
-            "skip": [(layer.kernel[0, 0], layer.bias) for layer in prior.skips],
-            "head": [(layer.kernel[0, 0], layer.bias) for layer in prior.head],
-        }
 
     @tf.function(jit_compile=jit_compile)
-    def run(uniform, slice_index, label):
-        w = step_weights()
-        cond, _, _ = _condition_for(prior, batch, slice_index, label)
-        # Biases of the conditioning and the position, in float32 whatever the prior's dtype policy.
-        f32 = lambda x: tf.cast(x, tf.float32)  # noqa: E731
-        cond_v = [f32(prior.cond_v[i](cond)) if cond is not None else 0.0 for i in range(n_layers)]
-        cond_h = [f32(prior.cond_h[i](cond)) if cond is not None else 0.0 for i in range(n_layers)]
-        pos = prior.position()
-        if pos is not None and prior.grid_size != (height, width):
-            raise ValueError(f"This prior models {prior.grid_size[0]}x{prior.grid_size[1]} code grids. "
-                             f"Received: height={height}, width={width}")
-        # Per-layer position biases (H, W, 2C); zeros without a position embedding.
-        pos_v = [f32(prior.cond_v[i](pos)) if pos is not None else tf.zeros((height, width, 2 * c))
-                 for i in range(n_layers)]
-        pos_h = [f32(prior.cond_h[i](pos)) if pos is not None else tf.zeros((height, width, 2 * c))
-                 for i in range(n_layers)]
-        # Vertical windows: per layer, the last `half` rows of its input, padded left/right by k//2.
-        v_windows = tf.zeros((n_layers, batch, half, width + 2 * (k // 2), c))
-        # Input of the horizontal stack from the row above: 1x1 conv of zeros for row 0.
-        v_to_h = tf.stack([tf.broadcast_to(b, (batch, width, 2 * c)) for _, b in w["vh"]])
+    def run(uniform, slices, labels):
+        state = prior.start_state(batch, height, width, slices, labels)
         rows = tf.TensorArray(tf.int32, size=height)
         for i in tf.range(height):
-            h_windows = tf.zeros((n_layers, batch, half, c))
             row = tf.TensorArray(tf.int32, size=width)
             for j in tf.range(width):
-                windows = tf.unstack(h_windows)
-                vh_j = tf.gather(v_to_h, j, axis=2)  # (L, B, 2C)
-                skip, below, new_windows = 0.0, None, []
-                for layer in range(n_layers):
-                    window = windows[layer]
-                    if layer > 0:  # this layer's window ends at the current position's features
-                        window = tf.concat([window[:, 1:], below[:, None]], axis=1)
-                    kernel_h, bias_h = w["h"][layer]
-                    pre = tf.einsum("bkc,kcd->bd", window, kernel_h) + bias_h + cond_h[layer]
-                    pre = pre + pos_h[layer][i, j] + vh_j[layer]
-                    gated = _gate(pre)
-                    skip = skip + gated @ w["skip"][layer][0] + w["skip"][layer][1]
-                    if layer < n_layers - 1:
-                        out = gated @ w["out"][layer][0] + w["out"][layer][1]
-                        below = out + (window[:, -1] if layer > 0 else 0.0)
-                    new_windows.append(window)
-                hidden = tf.nn.relu(tf.nn.relu(skip) @ w["head"][0][0] + w["head"][0][1])
-                logits = hidden @ w["head"][1][0] + w["head"][1][1]
+                logits, state = prior.step(state, i, j)
                 code = sample_codes(logits, uniform[:, i, j], temperature)
+                state = prior.push_code(state, code)
                 row = row.write(j, code)
-                # Layer 0 ("mask A") sees the codes strictly left of the next position.
-                new_windows[0] = tf.concat([new_windows[0][:, 1:], tf.gather(w["embed"], code)[:, None]], axis=1)
-                h_windows = tf.stack(new_windows)
             codes_row = tf.transpose(row.stack())  # (B, W)
             rows = rows.write(i, codes_row)
-            # The row is done: advance every layer's vertical window by it.
-            layer_input = tf.gather(w["embed"], codes_row)  # (B, W, C)
-            windows, new_v, new_vh = tf.unstack(v_windows), [], []
-            for layer in range(n_layers):
-                padded = tf.pad(layer_input, [[0, 0], [k // 2, k // 2], [0, 0]])
-                window = tf.concat([windows[layer][:, 1:], padded[:, None]], axis=1)
-                kernel_v, bias_v = w["v"][layer]
-                pre = tf.nn.conv2d(window, kernel_v, strides=1, padding="VALID")[:, 0] + bias_v
-                if cond is not None:
-                    pre = pre + cond_v[layer][:, None, :]
-                pre = pre + pos_v[layer][i]
-                new_vh.append(tf.einsum("bwc,cd->bwd", pre, w["vh"][layer][0]) + w["vh"][layer][1])
-                layer_input = _gate(pre)
-                new_v.append(window)
-            v_windows, v_to_h = tf.stack(new_v), tf.stack(new_vh)
+            state = prior.finish_row(state, i, codes_row)
         return tf.transpose(rows.stack(), (1, 0, 2))
 
     def sample(uniform, slice_index=-1, label=-1):

@@ -2,21 +2,25 @@
 or generate new slices with the PixelCNN prior.
 
     python predict.py                          # runs/latest, test split
-    python predict.py --run runs/X --split all --data /other/folder
+    python predict.py --run runs/X --split all --data /other/folder --save-images
     python predict.py --generate 16 [--slice 16] [--temperature 1.0]
 
 Every image of the split is encoded to codes, decoded, and compared with the
 original at the model's input resolution: SSIM (`tf.image.ssim`, max_val=1,
-on [0, 1] images) and PSNR per image, summarised as mean and standard
-deviation over the whole split (never one sample). Writes a per-image CSV, a
-JSON summary and a figure of originals, reconstructions and error maps;
-`--export-codes` saves the code indices for the prior.
+on [0, 1] images) and PSNR over the whole image and inside the brain (the
+mask of `metrics.brain_mask`: a real slice is about 44% black background,
+which reconstructs perfectly and flatters whole-image numbers), per image,
+summarised as mean and standard deviation over the whole split (never one
+sample). Writes a per-image CSV, a JSON summary and a figure of originals,
+reconstructions and error maps; `--save-images` writes every reconstruction
+as a PNG; `--export-codes` saves the code indices.
 
 With `--generate N`, the prior samples N code grids with the cached fast
 sampler, the VQ-VAE decodes them into PNGs and a grid, and a memorisation
-check reports each sample's SSIM to its nearest training slice next to the
-same statistic for held-out test slices: a prior that copies training
-slices scores well above the held-out reference.
+check reports each sample's SSIM to its nearest training slice, next to the
+same statistic for the VQ-VAE's reconstructions of held-out test slices
+(the reference a prior that does not copy should match) and of training
+slices (the ceiling a prior that copies would reach).
 """
 
 import argparse
@@ -30,134 +34,155 @@ from pathlib import Path
 import numpy as np
 
 import dataset
+import metrics
 import modules
+import runs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from train import TrainingError, load_checkpoint, read_json, save_comparison, write_json  # noqa: E402
+# The memorisation check compares images pairwise: at most this many pixels
+# of pairs at once, so its memory does not grow with the number of samples.
+PAIR_PIXELS = 1 << 24
 
 
 class PredictError(RuntimeError):
     """A prediction that cannot run, said in one line with the fix."""
 
 
-def load_vqvae(run=None, checkpoint=None):
-    """Loads a trained VQ-VAE (safe mode) and its run config.
+def save_png(image, path):
+    """Writes a (H, W, 1) image in [0, 1] as an 8-bit grayscale PNG, atomically."""
+    from PIL import Image
 
-    Args:
-        run: run folder holding `vqvae_best.keras` and `vqvae_config.json`.
-        checkpoint: a `.keras` file instead (its folder's config is used if present).
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    Image.fromarray(np.round(np.clip(image[..., 0], 0.0, 1.0) * 255).astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)
 
-    Returns:
-        `(model, config, path)`.
 
-    Raises:
-        PredictError: no checkpoint there.
-        TrainingError: an unreadable or mismatched checkpoint or config.
-    """
-    path = Path(checkpoint) if checkpoint else Path(run) / "vqvae_best.keras"
-    if not path.is_file():
-        where = f"checkpoint {path}" if checkpoint else f"run folder {run} (no vqvae_best.keras)"
-        raise PredictError(f"no trained VQ-VAE at {where}. Train one with `python train.py --model vqvae`, "
-                           "or pass --run with a finished run folder.")
-    config_path = path.parent / "vqvae_config.json"
-    config = read_json(config_path, "run config") if config_path.is_file() else {}
-    fix = "Pass the run folder (--run) or checkpoint of a trained VQ-VAE, or retrain it."
-    model = load_checkpoint(path, modules.VQVAE, "VQ-VAE", fix)
+def load_vqvae(run, checkpoint=None):
+    """The VQ-VAE to evaluate and its run config: the run's, or a `.keras` file's (its folder's config if any)."""
+    if checkpoint is None:
+        return run.load_vqvae(), run.config("vqvae"), run.checkpoint("vqvae")
+    path = Path(checkpoint)
+    folder = runs.Run(path.parent)
+    config = folder.config("vqvae") if folder.file("vqvae", "config.json").is_file() else {}
+    model = runs.load_checkpoint(path, modules.VQVAE, "VQ-VAE",
+                                 "Pass the checkpoint of a trained VQ-VAE, or its run folder with --run.")
     return model, config, path
 
 
-def resolve_split(config, data, split, seed, skip_bad):
-    """The `dataset.Split` to evaluate: a split of the run's data (or `data`), or every image under `data`."""
-    on_bad = "skip" if skip_bad else "error"
-    if split == "all":
-        if data is None:
+def resolve_split(run, config, args):
+    """The `dataset.Split` to evaluate, its kind and notes: a split of the run's data, or every image of `--data`."""
+    on_bad = "skip" if args.skip_bad else ("skip" if config.get("skip_bad") else "error")
+    if args.split == "all":
+        if args.data is None:
             raise PredictError("--split all needs --data: the folder whose every image is reconstructed.")
-        files = dataset.make_split(dataset.list_images(data))
+        files = dataset.make_split(dataset.list_images(args.data))
         if not len(files):
-            raise dataset.DataError(f"no images found: {data} holds no .png/.jpg/.jpeg files.")
+            raise dataset.DataError(f"no images found: {args.data} holds no .png/.jpg/.jpeg files.")
         checked, notes = dataset.check_split("all", files, on_bad=on_bad)
         return checked, "folder", notes
-    if data is None and config.get("source") != "phantoms":
-        data = config.get("data")
-        if data and not Path(data).is_dir():
-            raise PredictError(f"the run was trained on {data}, which is gone. Pass --data with that data's new "
-                               "place (or another folder to evaluate on).")
-    source = dataset.load_source(data, seed=config.get("seed", seed) if seed is None else seed, on_bad=on_bad)
-    return source.splits[split], source.kind, source.notes
+    if not config:
+        raise PredictError(f"--split {args.split} needs the run's config (vqvae_config.json beside the checkpoint) "
+                           "to know its split. Pass --run, or --split all --data FOLDER.")
+    source = run.source(data=args.data, on_bad=on_bad, split_seed=args.split_seed)
+    return source.splits[args.split], source.kind, source.notes
 
 
-def reconstruct_split(model, split, image_size, fit="pad", batch_size=16, export_codes=False, verbose=True):
+def reconstruct_split(model, split, image_size, fit="pad", batch_size=16, export_codes=False, save_to=None,
+                      strategy=None, verbose=True):
     """Reconstructs every image of `split`.
 
+    Args:
+        model: a VQ-VAE (built under `strategy`'s scope when one is given).
+        split: a `dataset.Split`.
+        batch_size: the global batch; a `strategy` with several replicas
+            gives each its share.
+        save_to: a folder to write each reconstruction into as a PNG named
+            after its file, or None.
+        strategy: a `tf.distribute` strategy to spread batches over (None:
+            the default one-device strategy).
+
     Returns:
-        A dict of per-image arrays: "ssim", "psnr", and "codes" (N, h, w)
-        when `export_codes`, plus "examples" (a few originals and reconstructions).
+        A dict of per-image arrays in file order: "ssim", "psnr",
+        "ssim_brain", "psnr_brain" (see `metrics.image_quality`), "codes"
+        (N, h, w) when `export_codes`, and "examples" (a few originals and
+        reconstructions).
     """
+    strategy = strategy or tf.distribute.get_strategy()
     ds = dataset.make_dataset(split, image_size=image_size, batch_size=batch_size, fit=fit)
+
+    def replica_step(images):
+        codes = model.encode(images)
+        reconstructions = model.decode(codes)
+        return images, codes, reconstructions, metrics.image_quality(images, reconstructions)
 
     @tf.function(reduce_retracing=True)
     def step(images):
-        codes = model.encode(images)
-        reconstructions = model.decode(codes)
-        ssim, psnr = modules.image_quality(images, reconstructions)
-        return codes, reconstructions, ssim, psnr
+        outputs = strategy.run(replica_step, args=(images,))
+        return tf.nest.map_structure(lambda x: strategy.gather(x, axis=0), outputs)
 
     bar = keras.utils.Progbar(len(split), unit_name="image", verbose=1 if verbose else 0)
-    out = {"ssim": [], "psnr": [], "codes": []}
+    out = {key: [] for key in ("ssim", "psnr", "ssim_brain", "psnr_brain", "codes")}
     picks = set(np.linspace(0, len(split) - 1, num=min(8, len(split))).round().astype(int).tolist())
     examples, seen = ([], []), 0
-    for images in ds:
-        codes, reconstructions, ssim, psnr = step(images)
-        out["ssim"].append(ssim.numpy())
-        out["psnr"].append(psnr.numpy())
+    for batch in strategy.experimental_distribute_dataset(ds):
+        images, codes, reconstructions, quality = (tf.nest.map_structure(np.asarray, x) for x in step(batch))
+        for key, value in quality.items():
+            out[key].append(value)
         if export_codes:
-            out["codes"].append(codes.numpy().astype(np.uint16))
+            out["codes"].append(codes.astype(np.uint16))
         for i in range(len(images)):
             if seen + i in picks:
-                examples[0].append(images[i].numpy())
-                examples[1].append(reconstructions[i].numpy())
+                examples[0].append(images[i])
+                examples[1].append(reconstructions[i])
+            if save_to is not None:
+                save_png(reconstructions[i], Path(save_to) / f"{Path(split.paths[seen + i]).stem}.png")
         seen += len(images)
-        bar.add(len(images), values=[("ssim", float(np.mean(ssim)))])
+        bar.add(len(images), values=[("ssim", float(np.mean(quality["ssim"]))),
+                                     ("ssim_brain", float(np.nanmean(quality["ssim_brain"])))])
     result = {k: np.concatenate(v) for k, v in out.items() if v}
     result["examples"] = (np.stack(examples[0]), np.stack(examples[1]))
     return result
 
 
-def load_prior(run):
-    """The run's trained PixelCNN prior (safe mode) and its config."""
-    path = Path(run) / "pixelcnn_best.keras"
-    if not path.is_file():
-        raise PredictError(f"no trained prior in {run} (no pixelcnn_best.keras). Train one with "
-                           "`python train.py --model pixelcnn` (same --run).")
-    config = read_json(Path(run) / "pixelcnn_config.json", "prior config")
-    fix = "Retrain the prior with `python train.py --model pixelcnn --overwrite` (same --run)."
-    return load_checkpoint(path, modules.GatedPixelCNN, "gated PixelCNN prior", fix), config
+def device_strategy(batch_size, log=print):
+    """Mirrors over the local GPUs when there are several, saying what each one gets; else one device."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) < 2:
+        return tf.distribute.get_strategy()
+    share = -(-batch_size // len(gpus))
+    log(f"note: {len(gpus)} GPUs: each batch of {batch_size} images is divided over them, about {share} per GPU "
+        f"(pass --batch-size {batch_size * len(gpus)} to give each {batch_size})")
+    return tf.distribute.MirroredStrategy([d.name for d in gpus])
 
 
-def nearest_ssim(images, split, image_size, fit, batch_size=64, label="training"):
+def nearest_ssim(images, split, image_size, fit, batch_size=64, pair_pixels=PAIR_PIXELS):
     """For each image, the highest SSIM to any image of `split`, and which file it is.
 
-    Streams `split` once; every pair is compared exactly (no pre-filtering).
+    Streams `split` once; every pair is compared exactly (no pre-filtering),
+    in chunks of at most `pair_pixels` pixels of pairs, so memory stays
+    bounded whatever the number of images.
     """
     images = tf.constant(images, tf.float32)
     n = len(images)
+    chunk = max(1, pair_pixels // (batch_size * image_size * image_size))
 
     @tf.function(reduce_retracing=True)
-    def against(batch):
-        m = tf.shape(batch)[0]
-        a = tf.repeat(images, m, axis=0)
-        b = tf.tile(batch, [n, 1, 1, 1])
-        return tf.reshape(tf.image.ssim(a, b, max_val=1.0), (n, m))
+    def against(queries, batch):
+        q, m = tf.shape(queries)[0], tf.shape(batch)[0]
+        a = tf.repeat(queries, m, axis=0)
+        b = tf.tile(batch, [q, 1, 1, 1])
+        return tf.reshape(tf.image.ssim(a, b, max_val=1.0), (q, m))
 
     best = np.full(n, -1.0)
     where = np.zeros(n, dtype=np.int64)
     seen = 0
     bar = keras.utils.Progbar(len(split), unit_name="image", interval=0.5)
     for batch in dataset.make_dataset(split, image_size=image_size, batch_size=batch_size, fit=fit):
-        scores = against(batch).numpy()
+        scores = np.concatenate([against(images[i:i + chunk], batch).numpy() for i in range(0, n, chunk)])
         top = scores.argmax(axis=1)
         better = scores[np.arange(n), top] > best
         best[better] = scores[np.arange(n), top][better]
@@ -167,14 +192,49 @@ def nearest_ssim(images, split, image_size, fit, batch_size=64, label="training"
     return best, [split.paths[i] for i in where]
 
 
+def memorisation_check(samples, vqvae, source, config, seed=0, log=print):
+    """Each sample's SSIM to its nearest training slice, beside like-for-like references.
+
+    The samples are decoded by the VQ-VAE, so the references are decoded too:
+    the VQ-VAE's reconstructions of held-out test slices (what a prior that
+    does not copy its training set should score) and of training slices (the
+    ceiling: a prior that reproduced training slices code for code would
+    score this). As many of each as there are samples (at most the split),
+    one pass over the training split for all three.
+
+    Returns:
+        `(summary dict, nearest per sample, nearest file per sample)`.
+    """
+    size, fit, n = config["image_size"], config["fit"], len(samples)
+    train = source.splits["train"]
+    rng = np.random.default_rng(seed)
+
+    def reconstructions(split):
+        picks = split.take(np.sort(rng.permutation(len(split))[:min(n, len(split))]))
+        return np.concatenate([vqvae.reconstruct(b).numpy() for b in dataset.make_dataset(
+            picks, image_size=size, batch_size=32, fit=fit)])
+
+    test, ceiling = reconstructions(source.splits["test"]), reconstructions(train)
+    by_file = not any((s.subjects >= 0).any() for s in source.splits.values())
+    log(f"memorisation check: SSIM of each of {n} generated slices to its nearest of {len(train)} training slices, "
+        f"beside {len(test)} reconstructed test and {len(ceiling)} reconstructed training slices")
+    nearest, files = nearest_ssim(np.concatenate([samples, test, ceiling]), train, size, fit)
+    ours, reference, top = nearest[:n], nearest[n:n + len(test)], nearest[n + len(test):]
+    summary = {"nearest_train_ssim_mean": float(ours.mean()), "nearest_train_ssim_max": float(ours.max()),
+               "test_nearest_train_ssim_mean": float(reference.mean()),
+               "train_nearest_train_ssim_mean": float(top.mean()), "split_by": "file" if by_file else "subject"}
+    if by_file:
+        summary["note"] = ("the split is by file (no subject ids in the names): held-out test slices have "
+                           "neighbouring slices of the same subject in training, so the test reference is high")
+    return summary, ours, files[:n]
+
+
 def run_generation(args, log=print):
     """Samples new slices with the prior, decodes them, and checks them against the training set."""
-    from PIL import Image
-
     start = time.perf_counter()
-    run = Path(args.run)
-    vqvae, vq_config, _ = load_vqvae(run)
-    prior, config = load_prior(run)
+    run = runs.Run(args.run)
+    vqvae, vq_config = run.load_vqvae(), run.config("vqvae")
+    prior, config = run.load_prior(), run.config("pixelcnn")
     height, width = config["grid"]
     hyper = config["pixelcnn"]
     if args.slice is not None and not hyper["num_slices"]:
@@ -196,6 +256,7 @@ def run_generation(args, log=print):
         f"{args.temperature}" + (f", slice {args.slice}" if args.slice is not None else "")
         + (f", class {args.label}" if args.label else "") + f", seed {args.seed}")
     images, sample_seconds, done = [], 0.0, 0
+    bar = keras.utils.Progbar(args.generate, unit_name="sample")
     while done < args.generate:
         uniform = tf.random.stateless_uniform((batch, height, width), seed=[args.seed, done])
         t0 = time.perf_counter()
@@ -203,35 +264,28 @@ def run_generation(args, log=print):
         sample_seconds += time.perf_counter() - t0
         images.append(vqvae.decode(codes).numpy())
         done += batch
+        bar.update(min(done, args.generate))
     images = np.concatenate(images)[: args.generate]
-    out = Path(args.out) if args.out else run / "generated"
+    out = Path(args.out) if args.out else run.path / "generated"
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        Image.fromarray(np.round(image[..., 0] * 255).astype(np.uint8)).save(out / f"generated_{i:04d}.png")
+        save_png(image, out / f"generated_{i:04d}.png")
     summary = {"n_generated": int(len(images)), "out": str(out), "grid_shape": [height, width],
                "temperature": args.temperature, "slice": args.slice, "label": args.label, "seed": args.seed,
                "sampling_seconds": round(sample_seconds, 2),
                "samples_per_s": round(len(images) / max(sample_seconds, 1e-9), 2)}
     titles = None
     if not args.no_memorisation_check:
-        data = None if vq_config["source"] == "phantoms" else vq_config["data"]
-        source = dataset.load_source(data, seed=vq_config["seed"])
-        log(f"memorisation check: SSIM of each generated slice to its nearest of {len(source.splits['train'])} "
-            "training slices, and the same for as many held-out test slices")
-        nearest, files = nearest_ssim(images, source.splits["train"], vq_config["image_size"], vq_config["fit"])
-        test = source.splits["test"]
-        test = test.take(np.linspace(0, len(test) - 1, min(len(images), len(test))).round().astype(int))
-        test_images = np.concatenate([b.numpy() for b in dataset.make_dataset(
-            test, image_size=vq_config["image_size"], batch_size=32, fit=vq_config["fit"])])
-        reference, _ = nearest_ssim(test_images, source.splits["train"], vq_config["image_size"], vq_config["fit"])
-        with open(out / "nearest_train.csv", "w", newline="") as f:
+        source = run.source(on_bad="skip" if args.skip_bad else None)
+        check, nearest, files = memorisation_check(images, vqvae, source, vq_config, seed=args.seed, log=log)
+        tmp = out / f".nearest_train.csv.tmp-{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["generated", "nearest_train_file", "ssim"])
             for i, (score, path) in enumerate(zip(nearest, files)):
                 writer.writerow([f"generated_{i:04d}.png", path, f"{score:.6f}"])
-        summary.update({"nearest_train_ssim_mean": float(nearest.mean()), "nearest_train_ssim_max": float(nearest.max()),
-                        "test_nearest_train_ssim_mean": float(reference.mean()),
-                        "nearest_csv": str(out / "nearest_train.csv")})
+        os.replace(tmp, out / "nearest_train.csv")
+        summary.update({**check, "nearest_csv": str(out / "nearest_train.csv")})
         titles = [f"nearest train SSIM {s:.2f}" for s in nearest]
     title = f"{len(images)} generated slices ({height}x{width} codes, T={args.temperature})"
     if args.slice is not None:
@@ -239,31 +293,46 @@ def run_generation(args, log=print):
     summary["figure"] = str(dataset.save_grid(images[:32], out / "generated.png", titles=titles and titles[:32],
                                               suptitle=title))
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    write_json(out / "summary.json", summary)
+    runs.write_json(out / "summary.json", summary)
     return summary
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Reconstruct a whole split with a trained VQ-VAE; report mean and std SSIM and PSNR over "
-                    "every image, write a per-image CSV, a JSON summary and a comparison figure.",
+        description="Reconstruct a whole split with a trained VQ-VAE and report mean and std SSIM and PSNR over "
+                    "every image, over the whole image and inside the brain; write a per-image CSV, a JSON "
+                    "summary and a comparison figure. Or, with --generate N, sample new slices with the run's "
+                    "prior.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run", default="runs/latest", help="run folder of a trained VQ-VAE")
     parser.add_argument("--checkpoint", default=None, help="a .keras VQ-VAE file instead of --run")
     parser.add_argument("--data", default=None,
                         help="data folder; default: the one the run was trained on (or the phantoms)")
     parser.add_argument("--split", choices=["test", "validate", "train", "all"], default="test",
-                        help="which split to reconstruct; 'all' is every image under --data")
+                        help="which split of the run's data to reconstruct; 'all' is every image under --data "
+                             "(a folder of your own)")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="only to check: the run's own split is always used, and any other seed is refused "
+                             "(it would put training images in the test split)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="input size (default: the size the run was trained at, else 256)")
+    parser.add_argument("--fit", choices=dataset.FIT_MODES, default=None,
+                        help="how images of another size are fitted to --image-size (default: the run's, else pad)")
     parser.add_argument("--limit", type=int, default=None, help="reconstruct at most N images (a seeded subset)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="split seed for generic folders (default: the run's); generation: sampling seed (0)")
-    parser.add_argument("--out", default=None, help="output folder (default: <run>/predict_<split>)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="images (or samples) per batch; with several GPUs, the global batch divided over them")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the --limit subset; generation: sampling seed")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: <run>/predict_<split>, or <run>/generated)")
+    parser.add_argument("--save-images", action="store_true",
+                        help="also write every reconstruction as a PNG (in <out>/reconstructions, named after "
+                             "its file)")
     parser.add_argument("--export-codes", metavar="FILE.npz", default=None,
                         help="save the code indices of the split (with subject, slice, label and path per image)")
-    parser.add_argument("--skip-bad", action="store_true", help="leave out corrupt image files with a warning")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out corrupt image files with a warning (a run trained with --skip-bad does "
+                             "so anyway)")
     gen = parser.add_argument_group("generation (--generate N)")
     gen.add_argument("--generate", type=int, default=None, metavar="N",
                      help="sample N new slices with the run's PixelCNN prior instead of reconstructing")
@@ -293,56 +362,75 @@ def parse_args(argv=None):
 
 
 def run_reconstruction(args, log=print):
+    """Reconstructs a split as `args` say; returns the summary dict (also written as summary.json)."""
     start = time.perf_counter()
-    model, config, checkpoint = load_vqvae(args.run, args.checkpoint)
+    run = runs.Run(args.run)
+    strategy = device_strategy(args.batch_size, log)
+    with strategy.scope():
+        model, config, checkpoint = load_vqvae(run, args.checkpoint)
+    if args.checkpoint:
+        run = runs.Run(Path(args.checkpoint).parent)
     image_size = args.image_size or config.get("image_size") or 256
     if image_size % model.downsample:
         raise PredictError(f"--image-size {image_size} is not a multiple of the model's downsampling "
                            f"({model.downsample}).")
-    fit = config.get("fit", "pad")
-    split, kind, notes = resolve_split(config, args.data, args.split, args.seed, args.skip_bad)
+    fit = args.fit or config.get("fit", "pad")
+    split, kind, notes = resolve_split(run, config, args)
     for note in notes:
         log(f"note: {note}")
-    if args.limit is not None and args.limit < len(split):
-        split = split.take(np.sort(np.random.default_rng(0).permutation(len(split))[: args.limit]))
-    log(f"reconstructing {len(split)} {args.split} images ({kind} data) at {image_size} px with {checkpoint}")
-    result = reconstruct_split(model, split, image_size, fit, args.batch_size, export_codes=bool(args.export_codes))
-
+    split = runs.limit_split(split, args.limit, args.seed)
     out = Path(args.out) if args.out else checkpoint.parent / f"predict_{args.split}"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "reconstruction.csv", "w", newline="") as f:
+    save_to = out / "reconstructions" if args.save_images else None
+    (save_to or out).mkdir(parents=True, exist_ok=True)
+    log(f"reconstructing {len(split)} {args.split} images ({kind} data) at {image_size} px ({fit}) with "
+        f"{checkpoint}")
+    result = reconstruct_split(model, split, image_size, fit, args.batch_size, export_codes=bool(args.export_codes),
+                               save_to=save_to, strategy=strategy)
+
+    keys = ("ssim", "psnr", "ssim_brain", "psnr_brain")
+    tmp = out / f".reconstruction.csv.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "subject", "slice", "ssim", "psnr"])
-        for row in zip(split.paths, split.subjects, split.slices, result["ssim"], result["psnr"]):
-            writer.writerow([row[0], int(row[1]), int(row[2]), f"{row[3]:.6f}", f"{row[4]:.4f}"])
+        writer.writerow(["file", "subject", "slice", *keys])
+        for i, path in enumerate(split.paths):
+            writer.writerow([path, int(split.subjects[i]), int(split.slices[i]),
+                             *(f"{result[key][i]:.6f}" for key in keys)])
+    os.replace(tmp, out / "reconstruction.csv")
     ssim, psnr = result["ssim"], result["psnr"]
-    figure = save_comparison(*result["examples"], out / "reconstruction.png",
-                             title=f"{args.split} split, {len(split)} images: SSIM {ssim.mean():.4f} "
-                                   f"+/- {ssim.std():.4f}, PSNR {psnr.mean():.2f} dB")
+    brain = result["ssim_brain"][np.isfinite(result["ssim_brain"])]  # an image with no brain has no brain value
+    brain_psnr = result["psnr_brain"][np.isfinite(result["psnr_brain"])]
     summary = {
         "n_images": int(len(ssim)), "ssim_mean": float(ssim.mean()), "ssim_std": float(ssim.std()),
-        "ssim_min": float(ssim.min()), "psnr_mean": float(psnr.mean()), "psnr_std": float(psnr.std()),
-        "split": args.split, "source": kind, "image_size": int(image_size), "checkpoint": str(checkpoint),
-        "csv": str(out / "reconstruction.csv"), "figure": str(figure),
-        "seconds": round(time.perf_counter() - start, 1),
+        "ssim_min": float(ssim.min()), "ssim_brain_mean": float(brain.mean()) if len(brain) else None,
+        "ssim_brain_std": float(brain.std()) if len(brain) else None, "n_brain_images": int(len(brain)),
+        "psnr_mean": float(psnr.mean()), "psnr_std": float(psnr.std()),
+        "psnr_brain_mean": float(brain_psnr.mean()) if len(brain_psnr) else None,
+        "split": args.split, "source": kind, "image_size": int(image_size), "fit": fit,
+        "checkpoint": str(checkpoint), "csv": str(out / "reconstruction.csv"),
     }
+    brain_text = f", brain {summary['ssim_brain_mean']:.4f}" if len(brain) else ""
+    summary["figure"] = str(runs.save_comparison(
+        *result["examples"], out / "reconstruction.png",
+        title=f"{args.split} split, {len(split)} images: SSIM {ssim.mean():.4f} +/- {ssim.std():.4f}{brain_text}, "
+              f"PSNR {psnr.mean():.2f} dB"))
+    if save_to is not None:
+        summary["images"] = str(save_to)
     if args.export_codes:
-        np.savez_compressed(args.export_codes, codes=result["codes"], subjects=split.subjects,
-                            slices=split.slices, labels=split.labels, paths=np.array(split.paths))
+        tmp = Path(args.export_codes).with_name(f".{Path(args.export_codes).stem}.tmp-{os.getpid()}.npz")
+        np.savez_compressed(tmp, codes=result["codes"], subjects=split.subjects, slices=split.slices,
+                            labels=split.labels, paths=np.array(split.paths))
+        os.replace(tmp, args.export_codes)
         summary["codes"] = str(args.export_codes)
-    write_json(out / "summary.json", summary)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    runs.write_json(out / "summary.json", summary)
     return summary
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.generate:
-            args.seed = 0 if args.seed is None else args.seed
-            summary = run_generation(args)
-        else:
-            summary = run_reconstruction(args)
-    except (dataset.DataError, PredictError, TrainingError) as err:
+        summary = run_generation(args) if args.generate else run_reconstruction(args)
+    except (dataset.DataError, PredictError, runs.RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.generate:
@@ -350,13 +438,16 @@ def main(argv=None):
                 f"({summary['samples_per_s']:.2f} samples/s) into {summary['out']}")
         if "nearest_train_ssim_mean" in summary:
             line += (f"; SSIM to nearest training slice {summary['nearest_train_ssim_mean']:.3f} (max "
-                     f"{summary['nearest_train_ssim_max']:.3f}; held-out test slices: "
-                     f"{summary['test_nearest_train_ssim_mean']:.3f})")
+                     f"{summary['nearest_train_ssim_max']:.3f}; reconstructed held-out test slices "
+                     f"{summary['test_nearest_train_ssim_mean']:.3f}, reconstructed training slices "
+                     f"{summary['train_nearest_train_ssim_mean']:.3f}; split by {summary['split_by']})")
         print(line)
     else:
+        brain = (f"; inside the brain SSIM {summary['ssim_brain_mean']:.4f} +/- {summary['ssim_brain_std']:.4f}, "
+                 f"PSNR {summary['psnr_brain_mean']:.2f} dB" if summary["ssim_brain_mean"] is not None else "")
         print(f"reconstructed {summary['n_images']} {summary['split']} images: SSIM {summary['ssim_mean']:.4f} "
               f"+/- {summary['ssim_std']:.4f} (min {summary['ssim_min']:.4f}), PSNR {summary['psnr_mean']:.2f} "
-              f"+/- {summary['psnr_std']:.2f} dB; figure {summary['figure']}, per-image CSV {summary['csv']}")
+              f"+/- {summary['psnr_std']:.2f} dB{brain}; figure {summary['figure']}, per-image CSV {summary['csv']}")
     if args.json:
         print(json.dumps(summary))
     return 0

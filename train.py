@@ -16,7 +16,6 @@ Under a multi-worker strategy only the chief writes there.
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import math
 import os
@@ -29,33 +28,25 @@ import numpy as np
 
 import dataset
 import modules
+import runs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 RUNS = Path("runs")
-NAMES = {"vqvae": "VQ-VAE", "pixelcnn": "PixelCNN prior"}
 # The phantom demo trains smaller and shorter so it finishes in minutes on a CPU.
 DEMO = {"image_size": 128, "epochs": 12, "prior_epochs": 10, "filters": 32, "layers": 6, "skip_filters": 64}
 REAL = {"image_size": 256, "epochs": 30, "prior_epochs": 40, "filters": 64, "layers": 8, "skip_filters": 128}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(runs.RunError):
     """A run that cannot start or go on, said in one line with the fix."""
 
 
 # ---------------------------------------------------------------------------
 # Callbacks
 # ---------------------------------------------------------------------------
-
-
-def atomic_save(model, path):
-    """Saves `model` to `path` (.keras) via a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -71,14 +62,14 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         logs = logs or {}
         if not finite_loss(logs):  # keep the last good checkpoint
             return
-        atomic_save(self.model, self.last)
+        runs.atomic_save(self.model, self.last)
         value = logs.get(self.monitor)
         if value is None or not math.isfinite(value):
             return
         better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
         if better:
             self.best_value, self.best_epoch = float(value), epoch + 1
-            atomic_save(self.model, self.best)
+            runs.atomic_save(self.model, self.best)
 
 
 def finite_loss(logs):
@@ -86,26 +77,72 @@ def finite_loss(logs):
     return loss is None or math.isfinite(float(loss))
 
 
-class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that never overwrites a good backup with a NaN state,
-    and that labels backups taken in a resumed epoch with that epoch.
+class Backup(keras.callbacks.Callback):
+    """Backups of the weights and optimizer state that an interrupted run resumes from, batch-exact.
 
-    Like Keras's own, a run resumed from a mid-epoch backup restarts that
-    epoch from its first batch, with the weights and optimizer state of the
-    backup.
+    Writes `<folder>/latest.weights.h5` (atomically) every `every` steps and
+    after each epoch's end-of-epoch work (so it goes last among the
+    callbacks), never with a NaN loss. Where a resumed run starts is read
+    from the optimizer's step counter inside the weights themselves
+    (`resume_position`), so it can never disagree with them; the metadata
+    file beside them says the same for people and scripts.
+
+    Args:
+        folder: the backup folder.
+        every: steps between mid-epoch backups.
+        steps: steps per epoch.
     """
 
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._current_epoch = getattr(self.model, "_initial_epoch", None) or 0
+    def __init__(self, folder, every, steps):
+        super().__init__()
+        self.folder, self.every, self.steps = Path(folder), every, steps
+        self.weights = self.folder / "latest.weights.h5"
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if finite_loss(logs):
-            super().on_train_batch_end(batch, logs)
+        done = int(self.model.optimizer.iterations) - self.epoch * self.steps
+        if finite_loss(logs) and done % self.every == 0 and done < self.steps:  # a full epoch: at its end
+            self.save()
 
     def on_epoch_end(self, epoch, logs=None):
         if finite_loss(logs):
-            super().on_epoch_end(epoch, logs)
+            self.save()
+
+    def save(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".tmp-{os.getpid()}.weights.h5"
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.weights)
+        epoch, done = divmod(int(self.model.optimizer.iterations), self.steps)
+        runs.write_json(self.folder / "training_metadata.json", {"epoch": epoch, "batches_done": done})
+
+    @staticmethod
+    def resume_position(model, folder, steps):
+        """Loads the backup in `folder` into `model` (built and compiled); returns (epoch, batches done in it)."""
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        path = Path(folder) / "latest.weights.h5"
+        try:
+            model.load_weights(path)
+        except Exception as err:  # h5py and Keras raise many kinds for a bad file
+            raise TrainingError(f"cannot read the backup {path} ({str(err).splitlines()[0][:160]}). Delete "
+                                f"{folder} to start the model again.") from None
+        return divmod(int(model.optimizer.iterations), steps)
+
+
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Ends `fit` after epoch `last` (0-based): the partial first epoch of a resumed run."""
+
+    def __init__(self, last):
+        super().__init__()
+        self.last = last
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch >= self.last:
+            self.model.stop_training = True
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -136,17 +173,7 @@ class ReconstructionGrid(keras.callbacks.Callback):
         path = self.folder / f"{self.prefix}_epoch{epoch + 1:03d}.png"
         ssim = (logs or {}).get("val_ssim")
         title = f"epoch {epoch + 1}" + (f", validation SSIM {ssim:.4f}" if ssim is not None else "")
-        save_comparison(self.images, self.model.reconstruct(self.images).numpy(), path, title)
-
-
-def save_comparison(images, reconstructions, path, title=""):
-    """Rows: originals, reconstructions, absolute error (x4 for visibility)."""
-    error = np.clip(np.abs(images - reconstructions) * 4.0, 0.0, 1.0)
-    n = len(images)
-    ssim = modules.image_quality(images, reconstructions)[0].numpy()
-    titles = ["original"] * n + [f"SSIM {s:.3f}" for s in ssim] + ["|error| x4"] * n
-    return dataset.save_grid(np.concatenate([images, reconstructions, error]), path, titles=titles,
-                             suptitle=title, columns=n)
+        runs.save_comparison(self.images, self.model.reconstruct(self.images).numpy(), path, title)
 
 
 def save_curves(history_csv, path, keys=("loss", "ssim", "perplexity", "codes_used")):
@@ -208,39 +235,6 @@ def link_latest(run):
         pass
 
 
-def prepare_run(run, overwrite, kind="vqvae"):
-    """Creates or reopens a run folder for `kind` ("vqvae" or "pixelcnn"). Returns (run, resuming).
-
-    An interrupted model (a backup is present) is resumed; a finished one is
-    kept unless `overwrite`; leftovers of a run that died before its first
-    backup are cleared so they cannot leak into the new run.
-    """
-    run = Path(run)
-    if run.exists() and not run.is_dir():
-        raise TrainingError(f"--run {run} is a file. Pass a folder for the run.")
-    backup = run / f"{kind}_backup" / "training_metadata.json"
-    if (run / f"{kind}_summary.json").is_file() and not overwrite:
-        raise TrainingError(f"run folder {run} already holds a trained {NAMES[kind]}. Pass another --run, or "
-                            "--overwrite to replace it.")
-    if backup.is_file() and not overwrite:
-        return run, True
-    for name in [*run.glob(f"{kind}_*"), run / "logs" / kind]:
-        if name.is_dir():
-            shutil.rmtree(name)
-        elif name.exists():
-            name.unlink()
-    run.mkdir(parents=True, exist_ok=True)
-    return run, False
-
-
-def read_json(path, what):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise TrainingError(f"cannot read the {what} {path} ({err}). Delete the run folder or pass another --run.") \
-            from None
-
-
 def history_rows(path, monitor="val_ssim"):
     """Rows of the CSV log with a finite `monitor` value (none if there is no log)."""
     if not Path(path).is_file():
@@ -250,53 +244,63 @@ def history_rows(path, monitor="val_ssim"):
     return [r for r in rows if math.isfinite(float(r.get(monitor) or "nan"))]
 
 
-def fit_in_run(model, kind, run, train_ds, val_ds, *, steps, epochs, resuming, monitor, mode, grid, args,
+def fit_in_run(model, kind, run, make_train, val_ds, *, steps, epochs, resuming, monitor, mode, grid, args,
                chief=True):
     """Fits `model` with the run folder's callbacks; returns the CSV rows with a finite `monitor`.
 
-    Callbacks: NaN guard, mid-epoch backup (resume), best/last checkpoints
-    written atomically, CSV and TensorBoard logs, and `grid` (a per-epoch
-    figure, or None). Ends with the training curves. A non-chief worker
-    keeps only what it needs to resume and to summarise (no TensorBoard,
-    figures or progress bar).
+    `make_train(first_epoch, skip)` builds the training stream from epoch
+    `first_epoch` on, its first `skip` batches left out. A resumed run loads
+    its backup, trains the rest of the interrupted epoch, then the epochs
+    after it: the same batches in the same order as an uninterrupted run,
+    which it therefore equals bit for bit on CPU (only that epoch's logged
+    training means cover fewer batches).
+
+    Callbacks: NaN guard, best/last checkpoints written atomically, CSV and
+    TensorBoard logs, `grid` (a per-epoch figure, or None) and, last, the
+    backup. Ends with the training curves. A non-chief worker keeps only
+    what it needs to resume and to summarise (no TensorBoard, figures or
+    progress bar).
     """
     history_csv = run / f"{kind}_history.csv"
+    backup = run / f"{kind}_backup"
     checkpoint = AtomicCheckpoint(run / f"{kind}_last.keras", run / f"{kind}_best.keras", monitor=monitor, mode=mode)
     earlier = [float(r[monitor]) for r in history_rows(history_csv, monitor)] if resuming else []
     if earlier:  # a resumed run only replaces the best checkpoint with a better one
         checkpoint.best_value = max(earlier) if mode == "max" else min(earlier)
+    epoch, done = Backup.resume_position(model, backup, steps) if resuming else (0, 0)
     nan_guard = StopOnNaN()
-    callbacks = [
-        nan_guard,
-        SafeBackupAndRestore(run / f"{kind}_backup", save_freq=max(1, min(steps, args.backup_every)),
-                             double_checkpoint=True),
-        checkpoint,
-        keras.callbacks.CSVLogger(history_csv, append=resuming),
-    ]
+    callbacks = [nan_guard, checkpoint, keras.callbacks.CSVLogger(history_csv, append=True)]
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(run / "logs" / kind, write_graph=False, profile_batch=0))
     if grid is not None:
         callbacks.append(grid)
-    model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks,
-              verbose=args.verbose if chief else 0, shuffle=False)
+    callbacks.append(Backup(backup, every=max(1, min(steps, args.backup_every)), steps=steps))
+    verbose = args.verbose if chief else 0
+    if done:  # the rest of the interrupted epoch
+        if chief:
+            print(f"resuming epoch {epoch + 1} at step {done + 1} of {steps}")
+        model.fit(make_train(epoch, done), epochs=epochs, initial_epoch=epoch, steps_per_epoch=steps - done,
+                  validation_data=val_ds, callbacks=[*callbacks, StopAfterEpoch(epoch)], verbose=verbose,
+                  shuffle=False)
+        epoch += 1
+    if epoch < epochs and nan_guard.where is None:
+        model.fit(make_train(epoch, 0), epochs=epochs, initial_epoch=epoch, steps_per_epoch=steps,
+                  validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)
     if nan_guard.where is not None:
         epoch, batch = nan_guard.where
         last = run / f"{kind}_last.keras"
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no epoch had finished"
         raise TrainingError(f"the loss became NaN at epoch {epoch}, step {batch}; training stopped and {kept}. "
                             f"Lower --lr (now {args.lr}) and run again with a new --run.")
-    keys = ("loss", "ssim", "perplexity", "codes_used") if kind == "vqvae" else ("loss", "bits_per_code")
+    shutil.rmtree(backup, ignore_errors=True)  # finished: nothing to resume
+    keys = (("loss", "ssim", "ssim_brain", "perplexity", "codes_used") if kind == "vqvae"
+            else ("loss", "bits_per_code"))
     if chief:
         save_curves(history_csv, run / f"{kind}_curves.png", keys)
     rows = history_rows(history_csv, monitor)
     if not rows:
         raise TrainingError(f"no epoch finished with a finite {monitor}; see {history_csv}.")
     return rows
-
-
-def backup_epoch(run, kind):
-    """The epoch an interrupted run's backup resumes at."""
-    return read_json(run / f"{kind}_backup" / "training_metadata.json", "backup")["epoch"]
 
 
 def configure(seed, jit_compile=False):
@@ -308,14 +312,6 @@ def configure(seed, jit_compile=False):
     keras.utils.set_random_seed(seed)
     if not tf.config.list_physical_devices("GPU") and not jit_compile:
         tf.config.experimental.enable_op_determinism()
-
-
-def limit_split(split, limit, seed):
-    """At most `limit` files of a split, a seeded random subset (kept in file order)."""
-    if limit is None or limit >= len(split):
-        return split
-    keep = np.sort(np.random.default_rng(seed).permutation(len(split))[:limit])
-    return split.take(keep)
 
 
 # ---------------------------------------------------------------------------
@@ -465,41 +461,32 @@ def distribute(strategy, make, global_batch):
 # ---------------------------------------------------------------------------
 
 
-def vqvae_config(args, source):
-    """The run's configuration: every flag that shapes the model and its data."""
+def vqvae_config(args, source, counts):
+    """The run's configuration: every flag that shapes the model, its data and its split."""
     return {
         "model": "vqvae",
         "data": str(source.root), "source": source.kind, "fit": args.fit, "seed": args.seed,
-        "limit": args.limit, "image_size": args.image_size, "batch_size": args.batch_size,
-        "epochs": args.epochs, "learning_rate": args.lr,
+        "split_seed": args.split_seed, "skip_bad": bool(args.skip_bad), "limit": args.limit,
+        "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
+        "learning_rate": args.lr,
         "vqvae": {"downsample": args.downsample, "channels": args.channels, "res_blocks": args.res_blocks,
                   "res_channels": args.res_channels, "num_codes": args.codes, "code_dim": args.code_dim,
                   "beta": args.beta, "codebook": args.codebook, "decay": args.decay, "seed": args.seed},
-        "counts": source.counts(),
+        "counts": counts,
     }
-
-
-def write_json(path, payload):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def train_vqvae(args, log=print):
     """Trains a VQ-VAE as `args` say; returns the summary dict."""
     start = time.perf_counter()
     strategy, chief, task_id, policy = setup_devices(args)
-    run = worker_folder(args.run or new_run_dir("vqvae"), chief, task_id)
-    run, resuming = prepare_run(run, args.overwrite)
-    config_path = run / "vqvae_config.json"
+    run = runs.Run(worker_folder(args.run or new_run_dir("vqvae"), chief, task_id))
+    resuming = run.prepare("vqvae", args.overwrite, log=log)
     if resuming:  # the saved config wins over the flags, data and split included
-        config = read_json(config_path, "run config")
-        args.data = None if config["source"] == "phantoms" else config["data"]
-        args.image_size, args.batch_size, args.epochs = config["image_size"], config["batch_size"], config["epochs"]
-        args.lr, args.limit, args.fit, args.seed = config["learning_rate"], config["limit"], config["fit"], config["seed"]
-        args.downsample = config["vqvae"]["downsample"]
-        log(f"resuming the interrupted run in {run} (its saved config wins over the flags)")
-    source = dataset.load_source(args.data, seed=args.seed, on_bad="skip" if args.skip_bad else "error")
+        run.resume_args("vqvae", args)
+        log(f"resuming the interrupted run in {run.path} (its saved config wins over the flags)")
+    args.split_seed = args.seed if args.split_seed is None else args.split_seed
+    source = dataset.load_source(args.data, seed=args.split_seed, on_bad="skip" if args.skip_bad else "error")
     demo = DEMO if source.kind == "phantoms" else REAL
     args.image_size = args.image_size or demo["image_size"]
     args.epochs = args.epochs or demo["epochs"]
@@ -509,20 +496,17 @@ def train_vqvae(args, log=print):
     for note in source.notes:
         log(f"note: {note}")
     configure(args.seed, args.jit_compile)
-    train = limit_split(source.splits["train"], args.limit, args.seed)
-    val = limit_split(source.splits["validate"], args.limit, args.seed)
+    train = runs.limit_split(source.splits["train"], args.limit, args.split_seed)
+    val = runs.limit_split(source.splits["validate"], args.limit, args.split_seed)
     if len(train) < args.batch_size:
         raise TrainingError(f"the train split has {len(train)} images, fewer than --batch-size {args.batch_size}. "
                             "Lower --batch-size or raise --limit.")
     if args.image_size % args.downsample:
         raise TrainingError(f"--image-size {args.image_size} is not a multiple of --downsample {args.downsample}.")
-    if resuming:
-        hyper = config["vqvae"]
-    else:
-        config = vqvae_config(args, source)
-        config["counts"] = {"train": len(train), "validate": len(val), "test": config["counts"]["test"]}
-        hyper = config["vqvae"]
-        write_json(config_path, config)
+    if not resuming:
+        run.save_config("vqvae", vqvae_config(args, source, {"train": len(train), "validate": len(val),
+                                                              "test": len(source.splits["test"])}))
+    hyper = run.config("vqvae")["vqvae"]
 
     with strategy.scope(), dtype_policy(policy):
         model = modules.VQVAE(**hyper)
@@ -530,32 +514,36 @@ def train_vqvae(args, log=print):
         model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=jit_flag(args))
     log(describe_devices(strategy, policy, model.jit_compile))
     steps = len(train) // args.batch_size
-    first_epoch = backup_epoch(run, "vqvae") if resuming else 0
-    train_ds = distribute(strategy, lambda batch, context: dataset.make_dataset(
-        train, image_size=args.image_size, batch_size=batch, shuffle=True, seed=args.seed, first_epoch=first_epoch,
-        repeat=True, fit=args.fit, drop_remainder=True, input_context=context), args.batch_size)
+
+    def make_train(first_epoch, skip):
+        return distribute(strategy, lambda batch, context: dataset.make_dataset(
+            train, image_size=args.image_size, batch_size=batch, shuffle=True, seed=args.seed,
+            first_epoch=first_epoch, repeat=True, fit=args.fit, drop_remainder=True,
+            input_context=context).skip(skip), args.batch_size)
+
     val_ds = dataset.make_dataset(val, image_size=args.image_size, batch_size=args.batch_size, fit=args.fit)
     grid_images = next(iter(dataset.make_dataset(val, image_size=args.image_size, batch_size=8, fit=args.fit))).numpy()
 
     log(f"vqvae: {source.kind} data, train {len(train)} / validate {len(val)} images at {args.image_size} px, "
         f"{args.image_size // args.downsample}x{args.image_size // args.downsample} codes of K={hyper['num_codes']}, "
-        f"{model.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run}")
-    rows = fit_in_run(model, "vqvae", run, train_ds, val_ds, steps=steps, epochs=args.epochs, resuming=resuming,
-                      monitor="val_ssim", mode="max", grid=ReconstructionGrid(grid_images, run) if chief else None,
-                      args=args, chief=chief)
+        f"{model.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run.path}")
+    rows = fit_in_run(model, "vqvae", run.path, make_train, val_ds, steps=steps, epochs=args.epochs,
+                      resuming=resuming, monitor="val_ssim", mode="max",
+                      grid=ReconstructionGrid(grid_images, run.path) if chief else None, args=args, chief=chief)
     best_row = max(rows, key=lambda r: float(r["val_ssim"]))
     summary = {
-        "model": "vqvae", "run": str(run), "source": source.kind,
+        "model": "vqvae", "run": str(run.path), "source": source.kind,
         "epochs": int(rows[-1]["epoch"]) + 1, "seconds": round(time.perf_counter() - start, 1),
-        "val_ssim": float(best_row["val_ssim"]), "val_psnr": float(best_row["val_psnr"]),
+        "val_ssim": float(best_row["val_ssim"]), "val_ssim_brain": float(best_row["val_ssim_brain"]),
+        "val_psnr": float(best_row["val_psnr"]), "val_psnr_brain": float(best_row["val_psnr_brain"]),
         "best_epoch": int(best_row["epoch"]) + 1,
         "perplexity": float(best_row["val_perplexity"]), "codes_used": float(best_row["val_codes_used"]),
-        "checkpoint": str(run / "vqvae_best.keras"), "image_size": args.image_size,
-        "train_images": len(train), "validate_images": len(val),
+        "checkpoint": str(run.checkpoint("vqvae")), "image_size": args.image_size,
+        "train_images": len(train), "validate_images": len(val), "split_seed": args.split_seed,
         "replicas": strategy.num_replicas_in_sync, "precision": policy, "jit_compile": bool(model.jit_compile),
     }
-    write_json(run / "vqvae_summary.json", summary)
-    link_latest(run)
+    runs.write_json(run.file("vqvae", "summary.json"), summary)
+    link_latest(run.path)
     return summary
 
 
@@ -564,91 +552,14 @@ def train_vqvae(args, log=print):
 # ---------------------------------------------------------------------------
 
 
-def load_checkpoint(path, cls, what, fix):
-    """The `cls` model (a `what`) saved at `path`, loaded in safe mode.
-
-    Any failure (a missing, truncated or foreign file) is one TrainingError
-    line that names the file and ends with `fix`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"no checkpoint {path}. {fix}")
-    try:
-        model = keras.models.load_model(path, safe_mode=True, compile=False)
-    except Exception as err:  # Keras raises many kinds for a bad file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise TrainingError(f"cannot read checkpoint {path} ({reason}). {fix}") from None
-    if not isinstance(model, cls):
-        raise TrainingError(f"checkpoint {path} holds a {type(model).__name__}, not a {what}. {fix}")
-    return model
-
-
-def load_run_vqvae(run):
-    """The run's trained VQ-VAE (safe mode) and its config."""
-    path = Path(run) / "vqvae_best.keras"
-    if not path.is_file():
-        raise TrainingError(f"no trained VQ-VAE in {run} (no vqvae_best.keras). Train one first with "
-                            "`python train.py --model vqvae`, or pass its run folder with --run.")
-    config = read_json(Path(run) / "vqvae_config.json", "VQ-VAE config")
-    return load_checkpoint(path, modules.VQVAE, "VQ-VAE", "Retrain the VQ-VAE."), config
-
-
-def file_digest(path):
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def encode_split(vqvae, split, image_size, fit, batch_size=32, label=""):
-    """Code indices (N, h, w) uint16 of every image of `split`, streamed in batches."""
-    ds = dataset.make_dataset(split, image_size=image_size, batch_size=batch_size, fit=fit)
-    encode = tf.function(vqvae.encode, reduce_retracing=True)
-    bar = keras.utils.Progbar(len(split), unit_name="image", interval=0.5)
-    codes = []
-    for images in ds:
-        codes.append(encode(images).numpy().astype(np.uint16))
-        bar.add(len(images))
-    return np.concatenate(codes)
-
-
-def cached_codes(run, vqvae, vq_config, splits, log=print, cache=None):
-    """Codes of the train and validate splits, encoded once and cached in the run folder.
-
-    The cache (`cache`, default `<run>/codes_cache.npz`) is keyed by the
-    VQ-VAE checkpoint's content and the files of the splits, so it is
-    rebuilt whenever either changes.
-    """
-    key = hashlib.sha1(json.dumps({
-        "vqvae": file_digest(Path(run) / "vqvae_best.keras"),
-        "files": {name: split.paths for name, split in splits.items()},
-        "image_size": vq_config["image_size"], "fit": vq_config["fit"],
-    }, sort_keys=True).encode()).hexdigest()
-    path = Path(cache or Path(run) / "codes_cache.npz")
-    if path.is_file():
-        try:
-            with np.load(path) as cache:
-                if str(cache["key"]) == key:
-                    return {name: cache[name] for name in splits}
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: rebuild it
-    codes = {}
-    for name, split in splits.items():
-        log(f"encoding the {name} split ({len(split)} images) with the VQ-VAE, once")
-        codes[name] = encode_split(vqvae, split, vq_config["image_size"], vq_config["fit"])
-    tmp = path.with_name(f".codes_cache.tmp-{os.getpid()}.npz")
-    np.savez(tmp, key=np.array(key), **codes)
-    os.replace(tmp, path)
-    return codes
-
-
-def code_dataset(codes, split, batch_size, *, shuffle, seed=0, first_epoch=0, repeat=False, drop_condition=0.0):
+def code_dataset(codes, split, batch_size, *, shuffle, seed=0, first_epoch=0, skip=0, repeat=False,
+                 drop_condition=0.0):
     """(inputs, targets) batches of code grids with their slice and label, for `fit`.
 
     With `drop_condition`, each example's slice and label are replaced by
-    "unknown" (-1) with that probability (independently, seeded), so the
-    prior also learns to generate when no condition is given.
+    "unknown" (-1) with that probability (independently, seeded by the
+    example's place in the whole stream, so a resumed run drops the same
+    ones). `skip` leaves out the first batches (a resumed epoch).
     """
     n = len(codes)
     table = (tf.constant(codes.astype(np.int32)), tf.constant(split.slices, tf.int32),
@@ -665,7 +576,8 @@ def code_dataset(codes, split, batch_size, *, shuffle, seed=0, first_epoch=0, re
             slice_, label = tf.where(keep[0], slice_, -1), tf.where(keep[1], label, -1)
         return {"codes": table[0][i], "slice": slice_, "label": label}, table[0][i]
 
-    ds = ds.enumerate().map(example)
+    per_epoch = (n // batch_size) * batch_size if repeat else n
+    ds = ds.skip(skip * batch_size).enumerate(start=first_epoch * per_epoch + skip * batch_size).map(example)
     return ds.batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
 
 
@@ -693,6 +605,13 @@ class SampleGrid(keras.callbacks.Callback):
                           suptitle=title)
 
 
+def unigram_bits(train_codes, val_codes, num_codes):
+    """Bits per validation code of the context-free baseline: each code drawn from the training codes'
+    frequencies (add-one smoothed). A prior that has learnt anything from context scores below it."""
+    counts = np.bincount(train_codes.reshape(-1).astype(np.int64), minlength=num_codes) + 1.0
+    return float(-np.mean(np.log2(counts / counts.sum())[val_codes.reshape(-1).astype(np.int64)]))
+
+
 def conditioning(mode, source, splits):
     """Slice and class counts to condition on, from `--condition` and what the data carry."""
     has_slices = all((s.slices >= 0).any() for s in splits.values())
@@ -712,18 +631,14 @@ def train_pixelcnn(args, log=print):
     """Trains the gated PixelCNN prior over the codes of the run's VQ-VAE; returns the summary dict."""
     start = time.perf_counter()
     strategy, chief, task_id, policy = setup_devices(args)
-    vq_run = Path(args.run or RUNS / "latest")
-    vqvae, vq_config = load_run_vqvae(vq_run)
-    run, resuming = prepare_run(worker_folder(vq_run, chief, task_id), args.overwrite, "pixelcnn")
-    config_path = run / "pixelcnn_config.json"
+    vq_run = runs.Run(args.run or RUNS / "latest")
+    vqvae = vq_run.load_vqvae()
+    run = runs.Run(worker_folder(vq_run.path, chief, task_id))
+    resuming = run.prepare("pixelcnn", args.overwrite, log=log)
     if resuming:
-        config = read_json(config_path, "run config")
-        args.batch_size, args.epochs, args.lr, args.seed = (config["batch_size"], config["epochs"],
-                                                            config["learning_rate"], config["seed"])
-        args.limit = config["limit"]
-        log(f"resuming the interrupted prior in {run} (its saved config wins over the flags)")
-    data = None if vq_config["source"] == "phantoms" else vq_config["data"]
-    source = dataset.load_source(data, seed=vq_config["seed"], on_bad="skip" if args.skip_bad else "error")
+        run.resume_args("pixelcnn", args)
+        log(f"resuming the interrupted prior in {run.path} (its saved config wins over the flags)")
+    source = vq_run.source(on_bad="skip" if args.skip_bad else None)
     defaults = DEMO if source.kind == "phantoms" else REAL
     args.epochs = args.epochs or defaults["prior_epochs"]
     args.batch_size = args.batch_size or 32
@@ -732,28 +647,27 @@ def train_pixelcnn(args, log=print):
     if args.smoke:
         args.epochs, args.limit = 1, min(args.limit or 64, 64)
     configure(args.seed, args.jit_compile)
-    splits = {name: limit_split(source.splits[name], vq_config["limit"], vq_config["seed"])
-              for name in ("train", "validate")}
-    splits = {name: limit_split(split, args.limit, args.seed) for name, split in splits.items()}
+    splits = {name: runs.limit_split(split, args.limit, args.seed) for name, split in vq_run.splits(source).items()}
     if len(splits["train"]) < args.batch_size:
         raise TrainingError(f"the train split has {len(splits['train'])} images, fewer than --batch-size "
                             f"{args.batch_size}. Lower --batch-size or raise --limit.")
-    codes = cached_codes(vq_run, vqvae, vq_config, splits, log, cache=run / "codes_cache.npz")
-    if resuming:
-        hyper = config["pixelcnn"]
-    else:
+    codes = vq_run.codes(vqvae, splits, log=log, cache=run.path / "codes_cache.npz")
+    grid_shape = tuple(codes["train"].shape[1:])
+    if not resuming:
         num_slices, num_classes = conditioning(args.condition, source, splits)
         hyper = {"num_codes": vqvae.num_codes, "filters": args.filters, "layers": args.layers,
                  "kernel_size": args.kernel_size, "skip_filters": args.skip_filters, "num_slices": num_slices,
-                 "num_classes": num_classes,
-                 "grid_size": None if args.no_position else list(codes["train"].shape[1:])}
-        config = {"model": "pixelcnn", "batch_size": args.batch_size, "epochs": args.epochs,
-                  "learning_rate": args.lr, "seed": args.seed, "limit": args.limit, "pixelcnn": hyper,
-                  "grid": list(codes["train"].shape[1:]), "class_names": source.class_names,
-                  "counts": {name: len(c) for name, c in codes.items()}}
-        write_json(config_path, config)
+                 "num_classes": num_classes, "grid_size": None if args.no_position else list(grid_shape)}
+        run.save_config("pixelcnn", {
+            "model": "pixelcnn", "batch_size": args.batch_size, "epochs": args.epochs, "learning_rate": args.lr,
+            "seed": args.seed, "limit": args.limit, "pixelcnn": hyper, "grid": list(grid_shape),
+            "class_names": source.class_names, "counts": {name: len(c) for name, c in codes.items()},
+            "vqvae_digest": vq_run.vqvae_digest()})
+    elif run.config("pixelcnn").get("vqvae_digest") != vq_run.vqvae_digest():
+        raise TrainingError(f"the interrupted prior in {run.path} was trained on another VQ-VAE than the one there "
+                            "now. Pass --overwrite to train a new prior.")
+    hyper = run.config("pixelcnn")["pixelcnn"]
 
-    grid_shape = tuple(codes["train"].shape[1:])
     with strategy.scope(), dtype_policy(policy):
         prior = modules.GatedPixelCNN(**hyper)
         prior({"codes": tf.zeros((1, *grid_shape), tf.int32), "slice": tf.zeros((1,), tf.int32),
@@ -765,32 +679,36 @@ def train_pixelcnn(args, log=print):
                       metrics=[modules.BitsPerCode()], jit_compile=jit_flag(args))
     log(describe_devices(strategy, policy, prior.jit_compile))
     steps = len(codes["train"]) // args.batch_size
-    first_epoch = backup_epoch(run, "pixelcnn") if resuming else 0
-    train_ds = code_dataset(codes["train"], splits["train"], args.batch_size, shuffle=True, seed=args.seed,
-                            first_epoch=first_epoch, repeat=True, drop_condition=0.1 if prior.conditional else 0.0)
+
+    def make_train(first_epoch, skip):
+        return code_dataset(codes["train"], splits["train"], args.batch_size, shuffle=True, seed=args.seed,
+                            first_epoch=first_epoch, skip=skip, repeat=True,
+                            drop_condition=0.1 if prior.conditional else 0.0)
+
     val_ds = code_dataset(codes["validate"], splits["validate"], args.batch_size, shuffle=False)
     slices = np.linspace(0, hyper["num_slices"] - 1, 8).round().astype(np.int32) if hyper["num_slices"] else None
-    grid = SampleGrid(vqvae, grid_shape, run, slices=slices, seed=args.seed) if chief else None
+    grid = SampleGrid(vqvae, grid_shape, run.path, slices=slices, seed=args.seed) if chief else None
     cond = [f"{n} {what}" for n, what in ((hyper["num_slices"], "slice positions"),
                                           (hyper["num_classes"], "classes")) if n]
     cond = ", ".join(cond + ["grid position"] * bool(hyper.get("grid_size"))) or "nothing"
     log(f"pixelcnn: {source.kind} data, train {len(codes['train'])} / validate {len(codes['validate'])} code grids "
         f"of {grid_shape[0]}x{grid_shape[1]} (K={hyper['num_codes']}), conditioned on {cond}, "
-        f"{prior.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run}")
-    rows = fit_in_run(prior, "pixelcnn", run, train_ds, val_ds, steps=steps, epochs=args.epochs, resuming=resuming,
-                      monitor="val_bits_per_code", mode="min", grid=grid, args=args, chief=chief)
+        f"{prior.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run.path}")
+    rows = fit_in_run(prior, "pixelcnn", run.path, make_train, val_ds, steps=steps, epochs=args.epochs,
+                      resuming=resuming, monitor="val_bits_per_code", mode="min", grid=grid, args=args, chief=chief)
     best_row = min(rows, key=lambda r: float(r["val_bits_per_code"]))
     summary = {
-        "model": "pixelcnn", "run": str(run), "source": source.kind,
+        "model": "pixelcnn", "run": str(run.path), "source": source.kind,
         "epochs": int(rows[-1]["epoch"]) + 1, "seconds": round(time.perf_counter() - start, 1),
         "val_bits_per_code": float(best_row["val_bits_per_code"]), "best_epoch": int(best_row["epoch"]) + 1,
         "uniform_bits_per_code": math.log2(hyper["num_codes"]),
-        "checkpoint": str(run / "pixelcnn_best.keras"), "grid": list(grid_shape),
+        "unigram_bits_per_code": unigram_bits(codes["train"], codes["validate"], hyper["num_codes"]),
+        "checkpoint": str(run.checkpoint("pixelcnn")), "grid": list(grid_shape),
         "num_slices": hyper["num_slices"], "num_classes": hyper["num_classes"],
         "train_grids": len(codes["train"]), "validate_grids": len(codes["validate"]),
         "replicas": strategy.num_replicas_in_sync, "precision": policy, "jit_compile": bool(prior.jit_compile),
     }
-    write_json(run / "pixelcnn_summary.json", summary)
+    runs.write_json(run.file("pixelcnn", "summary.json"), summary)
     return summary
 
 
@@ -814,13 +732,20 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size (default: vqvae 16, "
                                                                       "pixelcnn 32)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and restarts")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of initialisation, data order and codebook restarts (not of the split)")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="vqvae: seed of the train/validate/test split of a generic folder and of the --limit "
+                             "subset (default: --seed); stored in the run, so the prior and predict.py use the "
+                             "same split")
     parser.add_argument("--limit", type=int, default=None, help="use at most N images per split (quick runs)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny smoke run: 1 epoch, at most 64 images per split (vqvae: at most 64 px)")
     parser.add_argument("--backup-every", type=int, default=50,
                         help="steps between mid-epoch backups an interrupted run resumes from")
-    parser.add_argument("--skip-bad", action="store_true", help="leave out corrupt image files with a warning")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out corrupt image files with a warning (stored in the run: the prior and "
+                             "predict.py skip them too)")
     parser.add_argument("--verbose", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="Keras progress output: auto, 0, 1 (bar) or 2 (a line per epoch)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
@@ -898,18 +823,20 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         summary = (train_vqvae if args.model == "vqvae" else train_pixelcnn)(args)
-    except (dataset.DataError, TrainingError) as err:
+    except (dataset.DataError, runs.RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.model == "vqvae":
         print(f"vqvae: {summary['epochs']} epochs in {summary['seconds']:.0f} s; validation SSIM "
-              f"{summary['val_ssim']:.4f} (best, epoch {summary['best_epoch']}), PSNR {summary['val_psnr']:.2f} dB, "
+              f"{summary['val_ssim']:.4f} (inside the brain {summary['val_ssim_brain']:.4f}; best, epoch "
+              f"{summary['best_epoch']}), PSNR {summary['val_psnr']:.2f} dB (brain {summary['val_psnr_brain']:.2f}), "
               f"perplexity {summary['perplexity']:.1f}, codes used {summary['codes_used']:.1%}; "
               f"checkpoint {summary['checkpoint']}")
     else:
         print(f"pixelcnn: {summary['epochs']} epochs in {summary['seconds']:.0f} s; validation "
-              f"{summary['val_bits_per_code']:.3f} bits per code (best, epoch {summary['best_epoch']}; uniform "
-              f"{summary['uniform_bits_per_code']:.1f}); checkpoint {summary['checkpoint']}")
+              f"{summary['val_bits_per_code']:.3f} bits per code (best, epoch {summary['best_epoch']}; context-free "
+              f"{summary['unigram_bits_per_code']:.3f}, uniform {summary['uniform_bits_per_code']:.1f}); checkpoint "
+              f"{summary['checkpoint']}")
     if args.json:
         print(json.dumps(summary))
     return 0

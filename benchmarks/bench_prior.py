@@ -12,7 +12,12 @@ random code embedding ("gated-random"). The plain model follows the
 keras.io example (a masked 7x7 "A" convolution, residual blocks with
 masked 3x3 "B" convolutions, two masked 1x1 layers), with an embedding in
 place of the one-hot input and its depth chosen so both have a similar
-parameter count.
+parameter count. The plain model gets the same codebook start as the gated
+prior (its input embedding and its output layer's per-code columns from the
+codebook's principal components, scaled as `init_from_codebook` scales
+them), so gated / plain compares the architectures, not the starts;
+"plain-random" is the plain model from a random start, the baseline of
+"gated-random".
 
     python benchmarks/bench_prior.py [--run runs/latest] [--minutes 5 | --steps N] [--size default|demo] [--json]
 """
@@ -33,6 +38,11 @@ import train  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+try:
+    import runs  # noqa: E402
+except ImportError:  # a checkout from before runs.py
+    runs = None
 
 
 # The prior sizes train.py uses: on real data (default) and in the phantom quick start (demo).
@@ -65,7 +75,7 @@ class MaskedConv(keras.layers.Layer):
 
 def plain_pixelcnn(num_codes, grid, filters=128, blocks=8, embed=64):
     inputs = keras.Input(grid, dtype="int32")
-    x = keras.layers.Embedding(num_codes, embed)(inputs)
+    x = keras.layers.Embedding(num_codes, embed, name="embed")(inputs)
     x = MaskedConv("A", filters, 7, activation="relu")(x)
     for _ in range(blocks):
         y = keras.layers.Conv2D(filters, 1, activation="relu")(x)
@@ -74,7 +84,39 @@ def plain_pixelcnn(num_codes, grid, filters=128, blocks=8, embed=64):
         x = keras.layers.add([x, y])
     for _ in range(2):
         x = MaskedConv("B", filters, 1, activation="relu")(x)
-    return keras.Model(inputs, keras.layers.Conv2D(num_codes, 1)(x), name="plain_pixelcnn")
+    return keras.Model(inputs, keras.layers.Conv2D(num_codes, 1, name="head")(x), name="plain_pixelcnn")
+
+
+def codebook_features(codebook, width, std):
+    """Per-code features (num_codes, width) from the codebook's principal components, with standard deviation `std`.
+
+    The rule of `modules.GatedPixelCNN.init_from_codebook`, which keeps it
+    inside the method: the centred codebook projected on its first `width`
+    principal components (zeros past code_dim), scaled to `std`.
+    """
+    codebook = np.asarray(codebook, np.float64)
+    centred = codebook - codebook.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    out = np.zeros((len(codebook), width))
+    used = min(width, components.shape[0])
+    out[:, :used] = centred @ components[:used].T
+    return out * (std / max(out.std(), 1e-12))
+
+
+# The shared rule, from modules once it exposes it there (same signature), else this file's copy.
+CODEBOOK_FEATURES = getattr(modules, "codebook_features", codebook_features)
+
+
+def init_plain_from_codebook(model, codebook):
+    """The gated prior's codebook start for the plain model: its input embedding and its output layer's per-code
+    columns, each scaled to the magnitude of its own random start (as `GatedPixelCNN.init_from_codebook`)."""
+    codebook = np.asarray(codebook)
+    embed, kernel = model.get_layer("embed").embeddings, model.get_layer("head").kernel
+    if codebook.ndim != 2 or codebook.shape[0] != embed.shape[0]:
+        raise ValueError(f"codebook must be (num_codes={embed.shape[0]}, code_dim). Received: {codebook.shape}")
+    embed.assign(CODEBOOK_FEATURES(codebook, embed.shape[1], float(np.std(embed.numpy()))).astype(embed.dtype))
+    cols = CODEBOOK_FEATURES(codebook, kernel.shape[2], float(np.std(kernel.numpy())))
+    kernel.assign(cols.T.reshape(kernel.shape).astype(kernel.dtype))
 
 
 def code_bits(model, codes, batch=64):
@@ -115,15 +157,35 @@ def train_for(model, codes, minutes, steps=None, batch=32, seed=0, log=print, na
     return done, trained
 
 
+def run_codes(run):
+    """The run's VQ-VAE, its config and its cached codes of the train and validate splits.
+
+    Through `runs.Run` where the checkout has it, else through train.py's
+    helpers of before it.
+    """
+    if runs is not None and hasattr(runs, "Run"):
+        folder = runs.Run(run)
+        vqvae = folder.load_vqvae()
+        return vqvae, folder.config("vqvae"), folder.codes(vqvae, folder.splits(folder.source()))
+    vqvae, vq_config = train.load_run_vqvae(run)
+    data = None if vq_config["source"] == "phantoms" else vq_config["data"]
+    source = dataset.load_source(data, seed=vq_config["seed"])
+    splits = {name: train.limit_split(source.splits[name], vq_config["limit"], vq_config["seed"])
+              for name in ("train", "validate")}
+    return vqvae, vq_config, train.cached_codes(run, vqvae, vq_config, splits)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default="runs/latest", help="run folder with a trained VQ-VAE")
-    parser.add_argument("--minutes", type=float, default=5.0, help="training wall-time budget per prior")
-    parser.add_argument("--models", nargs="+", choices=["gated", "gated-nopos", "gated-random", "plain"],
-                        default=["gated", "gated-nopos", "gated-random", "plain"],
-                        help="priors to train: gated (as train.py trains it: position embedding, code "
-                             "embedding started from the codebook), gated-nopos (without the position "
-                             "embedding), gated-random (random code embedding), plain (keras.io)")
+    parser.add_argument("--run", default="runs/latest", help="run folder with a trained VQ-VAE (default runs/latest)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training wall-time budget per prior (default 5)")
+    names = ["gated", "gated-nopos", "gated-random", "plain", "plain-random"]
+    parser.add_argument("--models", nargs="+", choices=names, default=names,
+                        help="priors to train (default all): gated (as train.py trains it: position embedding, "
+                             "code embedding and output columns started from the codebook), gated-nopos (without "
+                             "the position embedding), gated-random (random start), plain (keras.io, with the "
+                             "same codebook start as gated), plain-random (keras.io, random start). Ratios: gated, "
+                             "gated-nopos / plain; gated-random / plain-random")
     parser.add_argument("--steps", type=int, default=None,
                         help="train every prior for exactly this many steps instead of --minutes (a budget free "
                              "of timing noise, for ablations)")
@@ -134,15 +196,10 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
     try:
-        vqvae, vq_config = train.load_run_vqvae(args.run)
-    except train.TrainingError as err:
+        vqvae, vq_config, codes = run_codes(args.run)
+    except (train.TrainingError, *((runs.RunError,) if runs is not None else ())) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    data = None if vq_config["source"] == "phantoms" else vq_config["data"]
-    source = dataset.load_source(data, seed=vq_config["seed"])
-    splits = {name: train.limit_split(source.splits[name], vq_config["limit"], vq_config["seed"])
-              for name in ("train", "validate")}
-    codes = train.cached_codes(args.run, vqvae, vq_config, splits)
     grid, k = codes["train"].shape[1:], vqvae.num_codes
     size = SIZES[args.size]
     models = {}
@@ -157,8 +214,11 @@ def main(argv=None):
     target = models["gated"].count_params()
     plain = {"filters": 2 * size["filters"], "embed": size["filters"]}
     blocks = min(range(1, 40), key=lambda b: abs(plain_pixelcnn(k, grid, blocks=b, **plain).count_params() - target))
-    keras.utils.set_random_seed(0)
-    models["plain"] = plain_pixelcnn(k, grid, blocks=blocks, **plain)
+    for name, from_codebook in (("plain", True), ("plain-random", False)):
+        keras.utils.set_random_seed(0)
+        models[name] = plain_pixelcnn(k, grid, blocks=blocks, **plain)
+        if from_codebook:
+            init_plain_from_codebook(models[name], codebook)
     models = {name: models[name] for name in args.models}
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
     print(f"codes of {args.run} ({vq_config['source']} data): {len(codes['train'])} train / "
@@ -181,12 +241,13 @@ def main(argv=None):
               f"{r['background_bits'] or float('nan'):11.3f} {r['brain_bits'] or float('nan'):7.3f}")
     summary = {**results, "minutes": None if args.steps else args.minutes, "steps": args.steps, "size": args.size,
                "run": args.run, "source": vq_config["source"]}
-    if "plain" in results:
-        for name, key in (("gated", "ratio"), ("gated-nopos", "ratio_nopos"), ("gated-random", "ratio_random")):
-            if name in results:
-                ratio = results[name]["val_bits_per_code"] / results["plain"]["val_bits_per_code"]
-                summary[key] = ratio
-                print(f"{name} / plain = {ratio:.3f}")
+    # Like for like: each gated prior over the plain one from the same start.
+    for name, base, key in (("gated", "plain", "ratio"), ("gated-nopos", "plain", "ratio_nopos"),
+                            ("gated-random", "plain-random", "ratio_random")):
+        if name in results and base in results:
+            ratio = results[name]["val_bits_per_code"] / results[base]["val_bits_per_code"]
+            summary[key] = ratio
+            print(f"{name} / {base} = {ratio:.3f}")
     print(f"(a uniform prior would score {math.log2(k):.2f} bits per code)")
     if args.json:
         print(json.dumps(summary))

@@ -8,9 +8,18 @@ logical devices before TensorFlow first uses it.
         the same global batches once on one device and once mirrored over
         both; writes the largest weight differences as JSON.
     python tests/distributed_steps.py worker DATA OUT.npz
-        One worker of a MultiWorkerMirroredStrategy cluster (TF_CONFIG set
-        by the caller): trains a tiny VQ-VAE for a few steps on the PNGs in
-        DATA, each worker reading its own shard, and saves its weights.
+        One worker of a MultiWorkerMirroredStrategy cluster of WORKERS workers
+        (TF_CONFIG set by the caller): trains a tiny VQ-VAE for a few steps on
+        the PNGs in DATA, each worker reading its own shard, and saves its
+        weights (and the initial ones, as the chief broadcast them).
+    python tests/distributed_steps.py single DATA OUT.npz
+        The single-device reference of `worker`, without TF_CONFIG: the same
+        model, seed, initialisation, optimizer and number of steps, on the
+        same global batches (each the workers' shards of that step,
+        concatenated in replica order, so even the quantizer's restart draws
+        match). Also saves, as a negative control, the weights of the same
+        steps on worker 0's shard alone: what a worker ends with when it
+        trains without the all-reduce.
 """
 
 import json
@@ -27,6 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 SIZE, BATCH, STEPS = 32, 8, 3
+WORKERS = 2  # the cluster tests/test_distributed.py starts
 
 
 def tiny_vqvae():
@@ -83,26 +93,64 @@ def mirrored(out):
     Path(out).write_text(json.dumps(report))
 
 
+def worker_pipeline(split, batch, context):
+    """The training pipeline of one worker (`context`: its input pipeline; None for all the data)."""
+    return dataset.make_dataset(split, image_size=SIZE, batch_size=batch, shuffle=True, seed=0, repeat=True,
+                                drop_remainder=True, input_context=context)
+
+
+def worker_model(strategy=None):
+    scope = strategy.scope() if strategy is not None else tf.distribute.get_strategy().scope()
+    with scope:
+        model = tiny_vqvae()
+        model.build((None, SIZE, SIZE, 1))
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+    return model
+
+
+def weights_of(model, prefix):
+    return {f"{prefix}{i}": np.asarray(w) for i, w in enumerate(model.weights)}
+
+
 def worker(data, out):
     strategy = train.make_strategy("multi-worker")
     keras.utils.set_random_seed(0)
     source = dataset.load_source(data, seed=0)
     split = source.splits["train"]
-    train_ds = train.distribute(strategy, lambda batch, context: dataset.make_dataset(
-        split, image_size=SIZE, batch_size=batch, shuffle=True, seed=0, repeat=True, drop_remainder=True,
-        input_context=context), BATCH)
-    with strategy.scope():
-        model = tiny_vqvae()
-        model.build((None, SIZE, SIZE, 1))
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+    train_ds = train.distribute(strategy, lambda batch, context: worker_pipeline(split, batch, context), BATCH)
+    model = worker_model(strategy)
+    initial = weights_of(model, "i")
     model.fit(train_ds, epochs=1, steps_per_epoch=STEPS, verbose=0)
     _, task_id, chief = train.task_of(strategy)
-    np.savez(out, chief=chief, replicas=strategy.num_replicas_in_sync,
-             **{f"w{i}": np.asarray(w) for i, w in enumerate(model.weights)})
+    np.savez(out, chief=chief, replicas=strategy.num_replicas_in_sync, **initial, **weights_of(model, "w"))
+
+
+def single(data, out):
+    keras.utils.set_random_seed(0)
+    source = dataset.load_source(data, seed=0)
+    split = source.splits["train"]
+    # Worker i's per-replica batches, exactly as its own pipeline builds them.
+    shards = [worker_pipeline(split, BATCH, tf.distribute.InputContext(
+        num_input_pipelines=WORKERS, input_pipeline_id=i, num_replicas_in_sync=WORKERS)) for i in range(WORKERS)]
+    global_ds = tf.data.Dataset.zip(tuple(shards)).map(lambda *parts: tf.concat(parts, axis=0))
+    model = worker_model()
+    initial = model.get_weights()
+    first = next(iter(global_ds))
+    assert first.shape[0] == BATCH, first.shape
+    model.fit(global_ds, epochs=1, steps_per_epoch=STEPS, verbose=0)
+    # Negative control: the same start and steps on worker 0's shard only.
+    alone = worker_model()
+    alone.set_weights(initial)
+    alone.fit(shards[0], epochs=1, steps_per_epoch=STEPS, verbose=0)
+    np.savez(out, **{f"i{i}": w for i, w in enumerate(initial)}, **weights_of(model, "w"),
+             **weights_of(alone, "shard0_w"))
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "mirrored":
+    mode = sys.argv[1]
+    if mode == "mirrored":
         mirrored(sys.argv[2])
+    elif mode in ("worker", "single"):
+        {"worker": worker, "single": single}[mode](sys.argv[2], sys.argv[3])
     else:
-        worker(sys.argv[2], sys.argv[3])
+        sys.exit(f"unknown mode {mode!r}: mirrored, worker or single")

@@ -1,11 +1,25 @@
 """The data pipeline: layout detection, splits, decoding, fitting, shuffling, bad input."""
 
+import io
+import json
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import dataset
 from conftest import brain_like, make_oasis_tree, png_bytes, write_image
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Each test keeps its list of decoded files in its own folder, never in the user's cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("BRAIN_VQVAE_CACHE", str(cache))
+    return cache
 
 
 def batches(ds):
@@ -261,3 +275,112 @@ def test_macos_debris_and_non_image_extensions_are_ignored(oasis_tree):
     (oasis_tree / "__MACOSX").mkdir()
     (oasis_tree / "__MACOSX" / "x.png").write_bytes(b"junk")
     assert dataset.load_source(oasis_tree).counts()["train"] == 12
+
+
+# --- damaged pixel data: found by one cached decode ---------------------------
+
+
+def damage_idat(data, n=200, start=10):
+    """PNG bytes with `n` bytes of the first IDAT flipped and its CRC recomputed: only the zlib data is bad."""
+    data, offset = bytearray(data), 8
+    while True:
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if kind == b"IDAT":
+            body = offset + 8
+            for i in range(body + start, min(body + start + n, body + length)):
+                data[i] ^= 0xFF
+            data[body + length:body + length + 4] = struct.pack(">I", zlib.crc32(data[offset + 4:body + length]))
+            return bytes(data)
+        offset += 12 + length
+
+
+def damage_scan(data, n, start):
+    """JPEG bytes with `n` bytes of the entropy-coded scan data (after the SOS header) flipped."""
+    data = bytearray(data)
+    sos = data.index(b"\xff\xda")
+    scan = sos + 2 + struct.unpack(">H", data[sos + 2:sos + 4])[0]
+    for i in range(scan + start, min(scan + start + n, len(data) - 2)):
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def count_decodes(monkeypatch):
+    """Counts calls of `dataset.decode_image` (the decode the check and the pipeline share)."""
+    calls, decode = [], dataset.decode_image
+    monkeypatch.setattr(dataset, "decode_image", lambda contents: calls.append(1) or decode(contents))
+    return calls
+
+
+def test_damaged_png_data_is_named_before_training(tmp_path):
+    root, bad = _tree_with(tmp_path, "case_009_slice_0.nii.png", damage_idat(GOOD_PNG))
+    dataset.inspect_image(bad)  # its structure is intact: only a decode finds the damage
+    with pytest.raises(tf.errors.InvalidArgumentError):  # what training would hit mid-epoch
+        batches(dataset.make_dataset(dataset.make_split([str(bad)]), image_size=32, batch_size=1))
+    with pytest.raises(dataset.DataError) as info:
+        dataset.load_source(root)
+    text = str(info.value)
+    assert text.startswith(f"corrupt image: {bad} cannot be decoded") and "\n" not in text
+    assert "Re-export it or delete it" in text and "--skip-bad" in text
+    for _ in range(2):  # a bad file is never remembered as decoded: every run warns
+        warnings = []
+        source = dataset.load_source(root, on_bad="skip", warn=warnings.append)
+        assert source.counts()["train"] == 4 and str(bad) not in source.splits["train"].paths
+        assert len(warnings) == 1 and warnings[0].startswith(f"skipped corrupt image: {bad}")
+        assert len(batches(dataset.make_dataset(source.splits["train"], image_size=32, batch_size=3))) == 2
+
+
+def test_damaged_jpeg_is_rejected_exactly_when_the_pipeline_would_fail(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(brain_like((64, 64))).save(buf, format="JPEG")
+    fatal = 0
+    for n, start in ((200, 50), (1, 30)):  # TF decodes some damage with a warning only
+        damaged = damage_scan(buf.getvalue(), n, start)
+        root, bad = _tree_with(tmp_path / f"{n}-{start}", "case_009_slice_0.nii.jpg", damaged)
+        dataset.inspect_image(bad)
+        try:
+            batches(dataset.make_dataset(dataset.make_split([str(bad)]), image_size=32, batch_size=1))
+            pipeline_fails = False
+        except tf.errors.InvalidArgumentError:
+            pipeline_fails = True
+        warnings = []
+        source = dataset.load_source(root, on_bad="skip", warn=warnings.append)
+        assert (str(bad) not in source.splits["train"].paths) == pipeline_fails
+        assert len(warnings) == int(pipeline_fails)
+        fatal += pipeline_fails
+    assert fatal == 1
+
+
+def test_decode_check_runs_once_per_file_and_again_when_it_changes(tmp_path, monkeypatch, private_cache):
+    root = make_oasis_tree(tmp_path, subjects=(2, 1, 1), slices=2, nested=False, with_seg=False)
+    calls = count_decodes(monkeypatch)
+    dataset.load_source(root)
+    assert len(calls) == 8
+    remembered = [json.loads(f.read_text())["files"] for f in (private_cache / "decoded").glob("*.json")]
+    assert sorted(map(len, remembered)) == [2, 2, 4]  # one list per split folder, naming its files
+    assert {p for files in remembered for p in files} == {str(p) for p in root.rglob("*.png")}
+    calls.clear()
+    dataset.load_source(root)
+    assert calls == []  # nothing decoded again
+    changed = root / "keras_png_slices_data" / "keras_png_slices_train" / "case_001_slice_1.nii.png"
+    write_image(changed, brain_like((40, 40)))
+    write_image(changed.with_name("case_005_slice_0.nii.png"), brain_like())
+    dataset.load_source(root)
+    assert len(calls) == 2  # the changed file and the new one
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe\x00", b"[1, 2]",
+                                     b'{"version": 1, "files": {"a": 5}}'])
+def test_corrupt_decoded_list_is_rebuilt(tmp_path, monkeypatch, private_cache, content):
+    root = make_oasis_tree(tmp_path, subjects=(2, 1, 1), slices=2, nested=False, with_seg=False)
+    dataset.load_source(root)
+    list_files = sorted((private_cache / "decoded").glob("*.json"))
+    assert list_files
+    for list_file in list_files:
+        list_file.write_bytes(content)
+    calls = count_decodes(monkeypatch)
+    assert dataset.load_source(root).counts() == {"train": 4, "validate": 2, "test": 2}
+    assert len(calls) == 8  # everything checked again
+    assert sum(len(json.loads(f.read_text())["files"]) for f in list_files) == 8
+    calls.clear()
+    dataset.load_source(root)
+    assert calls == []

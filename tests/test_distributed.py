@@ -1,4 +1,4 @@
-"""tf.distribute, mixed precision and XLA on the CPU: mirrored == single device, multi-worker stays in sync."""
+"""tf.distribute, mixed precision and XLA on the CPU: mirrored and multi-worker == single device."""
 
 import json
 import os
@@ -48,7 +48,7 @@ def free_ports(n):
     return ports
 
 
-def test_two_workers_on_loopback_end_with_identical_weights(tmp_path):
+def test_two_workers_on_loopback_end_with_the_weights_of_a_single_device(tmp_path):
     data = tmp_path / "slices"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -70,13 +70,35 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path):
                 p.wait()
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    w0, w1 = (np.load(tmp_path / f"w{i}.npz") for i in range(2))
+    # The reference: the same steps on one device, on the same global batches (its own process, no TF_CONFIG).
+    env = quiet_env()
+    env.pop("TF_CONFIG", None)
+    done = subprocess.run([sys.executable, str(HERE / "distributed_steps.py"), "single", str(data),
+                           str(tmp_path / "single.npz")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    w0, w1, ref = (np.load(tmp_path / f"{name}.npz") for name in ("w0", "w1", "single"))
     assert bool(w0["chief"]) and not bool(w1["chief"])
     assert int(w0["replicas"]) == 2
     weights = [k for k in w0.files if k.startswith("w")]
-    assert len(weights) > 10
+    assert len(weights) > 10 and sorted(weights) == sorted(k for k in ref.files if k.startswith("w"))
     for key in weights:
         np.testing.assert_allclose(w0[key], w1[key], atol=1e-6, err_msg=key)
+    # Same start: the chief's broadcast initial weights are the reference's.
+    for key in (k for k in ref.files if k.startswith("i")):
+        np.testing.assert_array_equal(w0[key], ref[key], err_msg=key)
+    moved = max(float(np.abs(ref["w" + key[1:]] - ref[key]).max()) for key in ref.files if key.startswith("i"))
+    assert moved > 1e-2, "the steps did not move the weights"
+
+    def worst(a, prefix=""):
+        return max((float(np.abs(a[key] - ref[prefix + key]).max()), key) for key in weights)
+
+    # Same end as one device (the tolerance of the mirrored test: only the order of sums differs).
+    difference, key = worst(w0)
+    assert difference < 1e-5, f"the workers differ from a single device in {key} by {difference}"
+    # The comparison can fail: training on worker 0's shard alone, as a worker
+    # without the all-reduce would, ends far from the single-device weights.
+    difference, key = worst(ref, prefix="shard0_")
+    assert difference > 100 * 1e-5, f"training on one shard alone came within {difference} of the global batch"
 
 
 def test_mixed_precision_step_keeps_the_quantizer_in_float32():

@@ -1,0 +1,364 @@
+"""The run folder: one object that owns everything a run writes and reads back.
+
+    run = Run("runs/latest")
+    vqvae = run.load_vqvae()            # safe mode, one-line errors
+    prior = run.load_prior()            # refuses a prior trained on another VQ-VAE
+    source = run.source()               # the data and split the VQ-VAE was trained on
+
+A run folder holds a VQ-VAE and, once trained, the prior over its codes:
+
+    vqvae_config.json     every flag that shaped the VQ-VAE, its data and its split
+    vqvae_best.keras      the checkpoint the prior and predict.py use (vqvae_last.keras: the last epoch)
+    vqvae_backup/         the mid-epoch backup an interrupted run resumes from
+    pixelcnn_config.json  the prior's flags, and the digest of the vqvae_best.keras it was trained on
+    pixelcnn_best.keras   ... and the same files as the VQ-VAE's
+    codes_cache.npz       the VQ-VAE's codes of the train and validate splits
+
+`train.py`, `predict.py` and the benchmarks all go through `Run`: there is
+one checkpoint loader, one place that turns a run's config into its data, and
+one list of the flags a resumed run takes from its config.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+import dataset
+import metrics
+import modules
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+KINDS = {"vqvae": "VQ-VAE", "pixelcnn": "PixelCNN prior"}
+MODEL_CLASSES = {"vqvae": "VQVAE", "pixelcnn": "GatedPixelCNN"}
+# The flags a resumed run takes from its saved config (the config wins over
+# the command line), and the config key each is stored under.
+RESUMED = {
+    "vqvae": {"data": "data", "fit": "fit", "seed": "seed", "split_seed": "split_seed", "limit": "limit",
+              "skip_bad": "skip_bad", "image_size": "image_size", "batch_size": "batch_size", "epochs": "epochs",
+              "lr": "learning_rate", "downsample": "downsample"},
+    "pixelcnn": {"batch_size": "batch_size", "epochs": "epochs", "lr": "learning_rate", "seed": "seed",
+                 "limit": "limit"},
+}
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be used as asked, said in one line with the fix."""
+
+
+# ---------------------------------------------------------------------------
+# Files, written atomically
+# ---------------------------------------------------------------------------
+
+
+def write_json(path, payload):
+    """Writes `payload` as JSON to `path` via a temporary file and a rename."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def read_json(path, what):
+    """The JSON object in `path`; a missing or unreadable file is one RunError line naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise RunError(f"cannot read the {what} {path} ({reason}). Delete the run folder or pass another --run.") \
+            from None
+
+
+def atomic_save(model, path):
+    """Saves `model` to `path` (.keras) via a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def file_digest(path):
+    """SHA-1 of a file's bytes, read in blocks."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path, cls, what, fix):
+    """The `cls` model (a `what`) saved at `path`, loaded in safe mode.
+
+    Args:
+        path: a `.keras` file.
+        cls: the class the file must hold (e.g. `modules.VQVAE`).
+        what: how to name it in messages.
+        fix: the sentence that ends every error (what to run instead).
+
+    Returns:
+        The model, uncompiled.
+
+    Raises:
+        RunError: one line naming the file: missing, corrupt or truncated
+            (not a whole zip, or a member whose checksum fails), unreadable,
+            or holding another kind of model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"no checkpoint {path}. {fix}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        broken = "the archive"
+    if broken is not None:
+        raise RunError(f"checkpoint {path} is corrupt or truncated ({broken} does not read back whole). {fix}")
+    try:
+        model = keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:  # Keras raises many kinds for a foreign file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RunError(f"cannot read checkpoint {path} ({reason}). {fix}") from None
+    if not isinstance(model, cls):
+        raise RunError(f"checkpoint {path} holds a {type(model).__name__}, not a {what}. {fix}")
+    return model
+
+
+def limit_split(split, limit, seed):
+    """At most `limit` files of a split, a seeded random subset (kept in file order)."""
+    if limit is None or limit >= len(split):
+        return split
+    keep = np.sort(np.random.default_rng(seed).permutation(len(split))[:limit])
+    return split.take(keep)
+
+
+def encode_split(vqvae, split, image_size, fit, batch_size=32):
+    """Code indices (N, h, w) uint16 of every image of `split`, streamed in batches, with a progress bar."""
+    ds = dataset.make_dataset(split, image_size=image_size, batch_size=batch_size, fit=fit)
+    encode = tf.function(vqvae.encode, reduce_retracing=True)
+    bar = keras.utils.Progbar(len(split), unit_name="image", interval=0.5)
+    codes = []
+    for images in ds:
+        codes.append(encode(images).numpy().astype(np.uint16))
+        bar.add(len(images))
+    return np.concatenate(codes)
+
+
+def save_comparison(images, reconstructions, path, title=""):
+    """A figure of originals, reconstructions (titled with SSIM over the image and inside the brain) and
+    |error| x4, one column per image; written atomically."""
+    error = np.clip(np.abs(images - reconstructions) * 4.0, 0.0, 1.0)
+    n = len(images)
+    quality = {k: np.asarray(v) for k, v in metrics.image_quality(images, reconstructions).items()}
+    titles = (["original"] * n
+              + [f"SSIM {s:.3f} / brain {b:.3f}" for s, b in zip(quality["ssim"], quality["ssim_brain"])]
+              + ["|error| x4"] * n)
+    return dataset.save_grid(np.concatenate([images, reconstructions, error]), path, titles=titles,
+                             suptitle=title, columns=n)
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+class Run:
+    """One run folder: its configs, its data and split, and its checkpoints.
+
+    Args:
+        path: the folder (it need not exist yet for a new run).
+
+    Example:
+    >>> run = Run("runs/latest")
+    >>> run.has("vqvae")            # a finished VQ-VAE is in it
+    False
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._configs = {}
+
+    def __repr__(self):
+        return f"Run({str(self.path)!r})"
+
+    def file(self, kind, name):
+        """`<run>/<kind>_<name>`, e.g. `file("vqvae", "best.keras")`."""
+        return self.path / f"{kind}_{name}"
+
+    def checkpoint(self, kind):
+        return self.file(kind, "best.keras")
+
+    def has(self, kind):
+        """Whether a finished model of `kind` is in the folder."""
+        return self.file(kind, "summary.json").is_file()
+
+    def interrupted(self, kind):
+        """Whether an interrupted model of `kind` left a backup to resume from."""
+        return (self.file(kind, "backup") / "training_metadata.json").is_file()
+
+    def backup_position(self, kind):
+        """(epoch, batches of that epoch already trained) where an interrupted run resumes."""
+        meta = read_json(self.file(kind, "backup") / "training_metadata.json", "backup")
+        return int(meta["epoch"]), int(meta.get("batches_done", 0))
+
+    # -- configs ------------------------------------------------------------
+
+    def config(self, kind):
+        """The saved config of `kind` (read once)."""
+        if kind not in self._configs:
+            path = self.file(kind, "config.json")
+            if not path.is_file():
+                raise RunError(f"no {KINDS[kind]} config in {self.path} (no {path.name}). Train one with "
+                               f"`python train.py --model {kind}`, or pass its run folder with --run.")
+            self._configs[kind] = read_json(path, f"{KINDS[kind]} config")
+        return self._configs[kind]
+
+    def save_config(self, kind, config):
+        write_json(self.file(kind, "config.json"), config)
+        self._configs[kind] = config
+
+    def resume_args(self, kind, args):
+        """Sets the flags a resumed run takes from its config on `args` (the config wins)."""
+        config = self.config(kind)
+        for flag, key in RESUMED[kind].items():
+            value = config.get(key, config.get(kind, {}).get(key))
+            if flag == "data" and config.get("source") == "phantoms":
+                value = None
+            if flag == "split_seed" and value is None:  # runs from before --split-seed
+                value = config.get("seed", 0)
+            setattr(args, flag, value)
+        return args
+
+    # -- preparing a run for training --------------------------------------
+
+    def prepare(self, kind, overwrite=False, log=print):
+        """Makes the folder ready to train `kind`; returns True when an interrupted run resumes.
+
+        A finished model is kept unless `overwrite`. Leftovers of a run that
+        died before its first backup are cleared. A new VQ-VAE retires the
+        prior and the codes of the old one: a prior is only valid for the
+        VQ-VAE whose codes it was trained on.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--run {self.path} is a file. Pass a folder for the run.")
+        if self.has(kind) and not overwrite:
+            raise RunError(f"run folder {self.path} already holds a trained {KINDS[kind]}. Pass another --run, or "
+                           "--overwrite to replace it.")
+        if self.interrupted(kind) and not overwrite:
+            return True
+        retire = [kind]
+        if kind == "vqvae":
+            retire.append("pixelcnn")
+            if self.has("pixelcnn") or self.file("pixelcnn", "best.keras").exists():
+                log(f"note: retiring the prior in {self.path}: it was trained on the VQ-VAE being replaced")
+        for name in retire:
+            for stale in [*self.path.glob(f"{name}_*"), self.path / "logs" / name]:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+            self._configs.pop(name, None)
+        if kind == "vqvae":
+            (self.path / "codes_cache.npz").unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        return False
+
+    # -- data ----------------------------------------------------------------
+
+    def source(self, data=None, on_bad=None, split_seed=None, warn=None):
+        """The data source and split the VQ-VAE was trained on.
+
+        Args:
+            data: another place for the same data (it moved), or None for
+                the run's own.
+            on_bad: "error" or "skip"; None takes the run's `--skip-bad`.
+            split_seed: None, or the split seed asked for; anything but the
+                run's own is refused (it would move training images into
+                the test split).
+            warn: callable for warnings about skipped files.
+
+        Returns:
+            A `dataset.DataSource`.
+        """
+        config = self.config("vqvae")
+        own = config.get("split_seed", config.get("seed", 0))
+        if split_seed is not None and split_seed != own:
+            raise RunError(f"--split-seed {split_seed}: the run {self.path} was split with seed {own}; another "
+                           "split would put its training images in the test split. Drop --split-seed, or use "
+                           "--split all --data FOLDER for other images.")
+        if data is None and config.get("source") != "phantoms":
+            data = config.get("data")
+            if data and not Path(data).is_dir():
+                raise RunError(f"the run was trained on {data}, which is gone. Pass --data with that data's new "
+                               "place.")
+        if on_bad is None:
+            on_bad = "skip" if config.get("skip_bad") else "error"
+        return dataset.load_source(data, seed=own, on_bad=on_bad, warn=warn)
+
+    def splits(self, source, names=("train", "validate")):
+        """The splits the VQ-VAE trained and validated on (its `--limit` applied)."""
+        config = self.config("vqvae")
+        seed = config.get("split_seed", config.get("seed", 0))
+        return {name: limit_split(source.splits[name], config.get("limit"), seed) for name in names}
+
+    def codes(self, vqvae, splits, log=print, cache=None):
+        """Code indices (N, h, w) uint16 of each split's images, encoded once and cached.
+
+        The cache (`cache`, default `<run>/codes_cache.npz`) is keyed by the
+        VQ-VAE checkpoint's digest, the files of the splits and how images
+        are fitted, so it is rebuilt whenever any of them changes.
+        """
+        config = self.config("vqvae")
+        key = hashlib.sha1(json.dumps({
+            "vqvae": self.vqvae_digest(), "files": {name: split.paths for name, split in splits.items()},
+            "image_size": config["image_size"], "fit": config["fit"],
+        }, sort_keys=True).encode()).hexdigest()
+        path = Path(cache or self.path / "codes_cache.npz")
+        if path.is_file():
+            try:
+                with np.load(path) as cached:
+                    if str(cached["key"]) == key:
+                        return {name: cached[name] for name in splits}
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                pass  # unreadable cache: rebuild it
+        codes = {}
+        for name, split in splits.items():
+            log(f"encoding the {name} split ({len(split)} images) with the VQ-VAE, once")
+            codes[name] = encode_split(vqvae, split, config["image_size"], config["fit"])
+        tmp = path.with_name(f".codes_cache.tmp-{os.getpid()}.npz")
+        np.savez(tmp, key=np.array(key), **codes)
+        os.replace(tmp, path)
+        return codes
+
+    # -- models --------------------------------------------------------------
+
+    def load_vqvae(self):
+        """The run's trained VQ-VAE (best checkpoint, safe mode)."""
+        path = self.checkpoint("vqvae")
+        if not path.is_file():
+            raise RunError(f"no trained VQ-VAE in {self.path} (no {path.name}). Train one with "
+                           "`python train.py --model vqvae`, or pass its run folder with --run.")
+        return load_checkpoint(path, modules.VQVAE, "VQ-VAE", "Retrain the VQ-VAE with `python train.py --model "
+                               f"vqvae --run {self.path} --overwrite`.")
+
+    def vqvae_digest(self):
+        """Digest of the VQ-VAE checkpoint the prior must be trained on."""
+        return file_digest(self.checkpoint("vqvae"))
+
+    def load_prior(self):
+        """The run's trained prior, after checking it was trained on this run's VQ-VAE."""
+        path = self.checkpoint("pixelcnn")
+        retrain = f"`python train.py --model pixelcnn --run {self.path} --overwrite`"
+        if not path.is_file():
+            raise RunError(f"no trained prior in {self.path} (no {path.name}). Train one with "
+                           f"`python train.py --model pixelcnn --run {self.path}`.")
+        trained_on = self.config("pixelcnn").get("vqvae_digest")
+        if trained_on is None:
+            raise RunError(f"the prior in {self.path} does not record which VQ-VAE it was trained on (it predates "
+                           f"that check), so it may not match the VQ-VAE there now. Retrain it with {retrain}.")
+        if trained_on != self.vqvae_digest():
+            raise RunError(f"the prior in {self.path} was trained on another VQ-VAE than the one there now "
+                           f"(vqvae_best.keras changed); its codes would be garbage. Retrain it with {retrain}.")
+        return load_checkpoint(path, modules.GatedPixelCNN, "gated PixelCNN prior", f"Retrain it with {retrain}.")

@@ -1,0 +1,264 @@
+"""The run record: one owner of a run folder, and the defects a review found in how runs were kept.
+
+Each test here failed on the code before `runs.Run` (stale priors, the split
+seed, --skip-bad downstream, truncated checkpoints, inexact resume, the
+memorisation check's reference).
+"""
+
+import csv
+import io
+import json
+import shutil
+import sys
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+import runs
+from conftest import REPO, brain_like, make_oasis_tree, run_cli, write_image
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8", "--codes", "32",
+        "--code-dim", "8", "--verbose", "0"]
+PRIOR = ["--model", "pixelcnn", "--filters", "8", "--layers", "2", "--skip-filters", "16", "--batch-size", "8",
+         "--verbose", "0"]
+
+
+def last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def one_error_line(result):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+def checkpoint_state(path):
+    """Every array in a .keras file's weights (model, quantizer state and optimizer), by name."""
+    with zipfile.ZipFile(path) as archive:
+        raw = archive.read("model.weights.h5")
+    state = {}
+    with h5py.File(io.BytesIO(raw), "r") as f:
+        f.visititems(lambda name, item: state.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_oasis_tree(tmp_path_factory.mktemp("data"), subjects=(4, 2, 2), slices=8, size=(32, 32))
+
+
+@pytest.fixture(scope="module")
+def flat_folder(tmp_path_factory):
+    """A generic folder without subject ids: split by file, with a seed."""
+    root = tmp_path_factory.mktemp("flat")
+    for i in range(60):
+        write_image(root / f"img_{i:03d}.png", brain_like((32, 32), seed=i))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_with_prior(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    done = run_cli(REPO / "train.py", "--data", tiny_data, "--run", run, "--epochs", "1", "--json", *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(REPO / "train.py", *PRIOR, "--run", run, "--epochs", "1", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def test_a_retrained_vqvae_retires_its_prior(run_with_prior, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_with_prior, run)
+    done = run_cli(REPO / "train.py", "--data", tiny_data, "--run", run, "--epochs", "1", "--seed", "5",
+                   "--overwrite", *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "retiring the prior" in done.stdout
+    assert not list(run.glob("pixelcnn_*")) and not (run / "codes_cache.npz").exists()
+    line = one_error_line(run_cli(REPO / "predict.py", "--run", run, "--generate", "2"))
+    assert "no trained prior" in line and "--model pixelcnn" in line
+
+
+def test_a_prior_trained_on_another_vqvae_is_refused(run_with_prior, tiny_data, tmp_path):
+    # The VQ-VAE is replaced behind the run's back (copied over from another run).
+    other = tmp_path / "other"
+    done = run_cli(REPO / "train.py", "--data", tiny_data, "--run", other, "--epochs", "1", "--seed", "9", *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    shutil.copytree(run_with_prior, run)
+    shutil.copy(other / "vqvae_best.keras", run / "vqvae_best.keras")
+    line = one_error_line(run_cli(REPO / "predict.py", "--run", run, "--generate", "2"))
+    assert "trained on another VQ-VAE" in line and "--model pixelcnn" in line and "--overwrite" in line
+    with pytest.raises(runs.RunError, match="another VQ-VAE"):
+        runs.Run(run).load_prior()
+    runs.Run(run_with_prior).load_prior()  # the untouched run loads
+
+
+def test_the_split_seed_is_its_own_and_predict_keeps_the_runs_split(flat_folder, tmp_path):
+    tests = []
+    for seed in (1, 2):
+        run = tmp_path / f"seed{seed}"
+        done = run_cli(REPO / "train.py", "--data", flat_folder, "--run", run, "--epochs", "1", "--seed", str(seed),
+                       "--split-seed", "7", *TINY)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((run / "vqvae_config.json").read_text())["split_seed"] == 7
+        done = run_cli(REPO / "predict.py", "--run", run, "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(last_json(done.stdout)["csv"]) as f:
+            tests.append(sorted(row["file"] for row in csv.DictReader(f)))
+    assert tests[0] == tests[1]  # a seed sweep evaluates on one test set
+    line = one_error_line(run_cli(REPO / "predict.py", "--run", tmp_path / "seed1", "--split-seed", "3"))
+    assert "split with seed 7" in line
+
+
+def test_skip_bad_reaches_the_prior_and_generation(tmp_path):
+    data = make_oasis_tree(tmp_path / "data", subjects=(4, 2, 2), slices=8, size=(32, 32), nested=False)
+    bad = data / "keras_png_slices_data" / "keras_png_slices_train" / "case_001_slice_3.nii.png"
+    bad.write_bytes(b"not an image at all")
+    run = tmp_path / "run"
+    assert "not an image" in one_error_line(run_cli(REPO / "train.py", "--data", data, "--run", run, *TINY))
+    done = run_cli(REPO / "train.py", "--data", data, "--run", run, "--epochs", "1", "--skip-bad", *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(REPO / "train.py", *PRIOR, "--run", run, "--epochs", "1")  # no --skip-bad: the run's is used
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(REPO / "predict.py", "--run", run, "--generate", "2", "--no-xla", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert str(bad) in done.stderr  # a warning names the file each time it is left out
+
+
+def test_a_truncated_checkpoint_is_named_corrupt_or_truncated(run_with_prior, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_with_prior, run)
+    path = run / "vqvae_best.keras"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    line = one_error_line(run_cli(REPO / "predict.py", "--run", run))
+    assert "corrupt or truncated" in line and str(path) in line
+
+
+# A run killed right after a backup taken mid-epoch, in a fresh process, as a
+# SIGKILL would leave it (the process ends without any clean-up).
+KILL_AFTER_BACKUP = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import train
+save, count = train.Backup.save, [0]
+def save_then_die(self):
+    save(self)
+    epoch, done = divmod(int(self.model.optimizer.iterations), self.steps)
+    if epoch == {epoch} and done == {done}:
+        os._exit(9)
+train.Backup.save = save_then_die
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("model", ["vqvae", "pixelcnn"])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_with_prior, tiny_data, tmp_path):
+    """Same final weights, optimizer state and codebook, bit for bit (CPU)."""
+    if model == "vqvae":
+        flags = ["--data", str(tiny_data), "--epochs", "3", "--backup-every", "1", "--seed", "4", *TINY]
+    else:
+        flags = [*PRIOR, "--epochs", "3", "--backup-every", "1", "--seed", "4"]
+    runs_ = {}
+    for name in ("whole", "killed"):
+        runs_[name] = tmp_path / name
+        if model == "pixelcnn":  # the same VQ-VAE under both priors
+            runs_[name].mkdir()
+            for f in ("vqvae_best.keras", "vqvae_config.json", "vqvae_summary.json"):
+                shutil.copy(run_with_prior / f, runs_[name] / f)
+    done = run_cli(REPO / "train.py", *flags, "--run", runs_["whole"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    killer = KILL_AFTER_BACKUP.format(repo=str(REPO), epoch=1, done=2)  # 4 steps per epoch: mid epoch 2
+    died = run_cli("-c", killer, *flags, "--run", runs_["killed"])
+    assert died.returncode == 9, died.stderr[-3000:]
+    meta = json.loads((runs_["killed"] / f"{model}_backup" / "training_metadata.json").read_text())
+    assert meta == {"epoch": 1, "batches_done": 2}
+    done = run_cli(REPO / "train.py", *flags, "--run", runs_["killed"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming epoch 2 at step 3 of 4" in done.stdout
+    whole = checkpoint_state(runs_["whole"] / f"{model}_last.keras")
+    resumed = checkpoint_state(runs_["killed"] / f"{model}_last.keras")
+    assert whole.keys() == resumed.keys() and any("optimizer" in k for k in whole)
+    for key in whole:
+        np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
+    with open(runs_["killed"] / f"{model}_history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+
+
+def test_nearest_ssim_in_bounded_chunks_equals_all_pairs_at_once(tiny_data):
+    import dataset
+    import predict
+
+    split = dataset.load_source(tiny_data).splits["train"]
+    images = np.random.default_rng(0).uniform(0, 1, (5, 32, 32, 1)).astype(np.float32)
+    images[2] = next(iter(dataset.make_dataset(split.take([7]), image_size=32, batch_size=1))).numpy()[0]
+    whole, files = predict.nearest_ssim(images, split, 32, "pad", batch_size=16)
+    chunked, files2 = predict.nearest_ssim(images, split, 32, "pad", batch_size=16, pair_pixels=32 * 32 * 16)
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)
+    assert files == files2 and files[2] == split.paths[7] and whole[2] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_generation_reports_like_for_like_memorisation_references(run_with_prior, tmp_path):
+    done = run_cli(REPO / "predict.py", "--run", run_with_prior, "--generate", "3", "--no-xla", "--out",
+                   tmp_path / "gen", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = last_json(done.stdout)
+    for key in ("nearest_train_ssim_mean", "test_nearest_train_ssim_mean", "train_nearest_train_ssim_mean"):
+        assert 0 < summary[key] <= 1, key
+    # Reconstructed training slices are the ceiling: nearer the training set than reconstructed test slices.
+    assert summary["train_nearest_train_ssim_mean"] >= summary["test_nearest_train_ssim_mean"]
+    assert summary["split_by"] == "subject" and "reconstructed held-out test slices" in done.stdout
+
+
+def test_predict_on_a_users_folder_saves_every_reconstruction(run_with_prior, flat_folder, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli(REPO / "predict.py", "--run", run_with_prior, "--split", "all", "--data", flat_folder,
+                   "--fit", "stretch", "--save-images", "--out", out, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = last_json(done.stdout)
+    assert summary["n_images"] == 60 and summary["fit"] == "stretch"
+    assert sorted(p.name for p in (out / "reconstructions").glob("*.png")) == [f"img_{i:03d}.png" for i in range(60)]
+    for key in ("ssim_mean", "ssim_brain_mean", "ssim_brain_std", "psnr_brain_mean"):
+        assert summary[key] is not None and np.isfinite(summary[key]), key
+    with open(summary["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    brain = np.array([float(r["ssim_brain"]) for r in rows])
+    assert summary["ssim_brain_mean"] == pytest.approx(np.nanmean(brain), abs=1e-5)
+
+
+
+MIRRORED_PREDICT = """
+import sys, json
+import numpy as np, tensorflow as tf
+sys.path.insert(0, {repo!r})
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import predict, runs
+run = runs.Run({run!r})
+source = run.source()
+split = source.splits["test"]
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with mirrored.scope():
+    model = run.load_vqvae()
+spread = predict.reconstruct_split(model, split, 32, batch_size=5, export_codes=True, strategy=mirrored,
+                                   verbose=False)
+single = predict.reconstruct_split(run.load_vqvae(), split, 32, batch_size=5, export_codes=True, verbose=False)
+print(json.dumps({{k: float(np.max(np.abs(spread[k].astype(float) - single[k].astype(float))))
+                  for k in ("ssim", "ssim_brain", "psnr", "codes")} | {{"n": len(spread["ssim"])}}))
+"""
+
+
+def test_predict_spreads_a_batch_over_replicas_with_the_same_results(run_with_prior):
+    done = run_cli("-c", MIRRORED_PREDICT.format(repo=str(REPO), run=str(run_with_prior)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    diff = last_json(done.stdout)
+    assert diff.pop("n") == 16  # 16 test images in batches of 5: the last one uneven over 2 replicas
+    assert diff["codes"] == 0 and max(diff.values()) < 1e-4, diff
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
