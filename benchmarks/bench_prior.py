@@ -34,15 +34,11 @@ sys.path.insert(0, str(REPO))
 
 import dataset  # noqa: E402
 import modules  # noqa: E402
-import train  # noqa: E402
+import runs  # noqa: E402
+import train  # noqa: E402  (its prior sizes only)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-try:
-    import runs  # noqa: E402
-except ImportError:  # a checkout from before runs.py
-    runs = None
 
 
 # The prior sizes train.py uses: on real data (default) and in the phantom quick start (demo).
@@ -158,21 +154,10 @@ def train_for(model, codes, minutes, steps=None, batch=32, seed=0, log=print, na
 
 
 def run_codes(run):
-    """The run's VQ-VAE, its config and its cached codes of the train and validate splits.
-
-    Through `runs.Run` where the checkout has it, else through train.py's
-    helpers of before it.
-    """
-    if runs is not None and hasattr(runs, "Run"):
-        folder = runs.Run(run)
-        vqvae = folder.load_vqvae()
-        return vqvae, folder.config("vqvae"), folder.codes(vqvae, folder.splits(folder.source()))
-    vqvae, vq_config = train.load_run_vqvae(run)
-    data = None if vq_config["source"] == "phantoms" else vq_config["data"]
-    source = dataset.load_source(data, seed=vq_config["seed"])
-    splits = {name: train.limit_split(source.splits[name], vq_config["limit"], vq_config["seed"])
-              for name in ("train", "validate")}
-    return vqvae, vq_config, train.cached_codes(run, vqvae, vq_config, splits)
+    """The run's VQ-VAE, its config and its cached codes of the train and validate splits."""
+    folder = runs.Run(run)
+    vqvae = folder.load_vqvae()
+    return vqvae, folder.config("vqvae"), folder.codes(vqvae, folder.splits(folder.source()))
 
 
 def main(argv=None):
@@ -197,7 +182,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         vqvae, vq_config, codes = run_codes(args.run)
-    except (train.TrainingError, *((runs.RunError,) if runs is not None else ())) as err:
+    except runs.RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     grid, k = codes["train"].shape[1:], vqvae.num_codes

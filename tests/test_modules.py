@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import dataset
+import metrics
 import modules
 
 
@@ -90,16 +91,76 @@ def test_dead_codes_are_reseeded_from_encoder_outputs():
     assert len(np.unique(vq(z)[1].numpy())) > 1
 
 
-def test_ssim_agrees_with_scikit_image():
-    from skimage.metrics import structural_similarity
+def tiny_vqvae(**kwargs):
+    keras.utils.set_random_seed(0)
+    model = modules.VQVAE(downsample=4, channels=8, res_blocks=1, res_channels=8, num_codes=16, code_dim=4, seed=0,
+                          **kwargs)
+    model.build((None, 32, 32, 1))
+    return model
 
-    rng = np.random.default_rng(0)
-    a = rng.random((64, 64)).astype(np.float32)
-    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1).astype(np.float32)
-    ours = float(modules.image_quality(a[None, ..., None], b[None, ..., None])[0][0])
-    reference = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                      use_sample_covariance=False)
-    assert ours == pytest.approx(reference, abs=1e-3)
+
+def test_vq_loss_is_against_the_codes_the_step_used_not_the_updated_codebook():
+    # On the first training step every code is re-seeded from the batch, so
+    # the codebook after the step is unrelated to the one the step used.
+    images = tf.random.stateless_uniform((4, 32, 32, 1), seed=[0, 1])
+    model = tiny_vqvae()
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    z = model.encoder(images).numpy().reshape(-1, 4)
+    used = model.quantizer.codebook.numpy()
+    q_used = used[np.argmin(((z[:, None] - used[None]) ** 2).sum(-1), axis=1)]
+    logs = model.train_on_batch(images, return_dict=True)
+    after = model.quantizer.codebook.numpy()
+    assert np.abs(after - used).max() > 1e-2  # the step moved the codebook (every code restarted)
+    q_after = after[np.argmin(((z[:, None] - used[None]) ** 2).sum(-1), axis=1)]
+    expected = 0.25 * np.mean((z - q_used) ** 2)
+    assert logs["vq_loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(logs["vq_loss"] - 0.25 * np.mean((z - q_after) ** 2)) > 1e-3 * expected
+
+
+def test_the_quantizer_returns_its_loss_and_adds_none():
+    vq = quantizer(ema=False, beta=0.5)
+    vq.codebook.assign(np.array([[0, 0], [1, 0], [0, 1]], np.float32))
+    z = np.array([[0.9, 0.1], [0.1, 0.8]], np.float32)
+    quantized, indices, loss = vq(z, training=True, return_loss=True)
+    # Commitment (beta) plus, without EMA, the codebook loss, against rows 1 and 2 of the codebook before the step.
+    q = np.array([[1, 0], [0, 1]], np.float32)
+    assert float(loss) == pytest.approx(1.5 * np.mean((z - q) ** 2), rel=1e-6)
+    np.testing.assert_allclose(quantized.numpy(), q, atol=1e-6)
+    assert vq.losses == []
+
+
+def test_a_frozen_quantizer_keeps_its_codebook_and_statistics():
+    images = tf.random.stateless_uniform((4, 32, 32, 1), seed=[0, 1])
+    model = tiny_vqvae()
+    model.quantizer.trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    vq = model.quantizer
+    state = {name: getattr(vq, name).numpy().copy()
+             for name in ("codebook", "ema_counts", "ema_sums", "usage", "initialized", "updates")}
+    encoder_before = [w.numpy().copy() for w in model.encoder.weights]
+    model.train_on_batch(images)
+    for name, before in state.items():
+        np.testing.assert_array_equal(getattr(vq, name).numpy(), before, err_msg=name)
+    # The rest of the model still trains.
+    assert any(np.abs(w.numpy() - b).max() > 0 for w, b in zip(model.encoder.weights, encoder_before))
+
+
+def test_training_and_validation_logs_include_brain_ssim_and_psnr():
+    images = tf.random.stateless_uniform((4, 32, 32, 1), seed=[0, 1])
+    images = tf.concat([images[:3], tf.zeros((1, 32, 32, 1))], axis=0)  # the last one has no brain
+    model = tiny_vqvae()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    logs = model.train_on_batch(images, return_dict=True)
+    assert {"ssim", "psnr", "ssim_brain", "psnr_brain"} <= set(logs)
+    model.reset_metrics()
+    logs = model.test_on_batch(images, return_dict=True)
+    reconstructions = model(images)
+    quality = metrics.image_quality(images, reconstructions)
+    # Per-image means; the empty brain is left out of the brain means.
+    assert logs["ssim"] == pytest.approx(float(np.mean(quality["ssim"])), rel=1e-5)
+    assert logs["ssim_brain"] == pytest.approx(float(np.mean(quality["ssim_brain"][:3])), rel=1e-5)
+    assert logs["psnr_brain"] == pytest.approx(float(np.mean(quality["psnr_brain"][:3])), rel=1e-5)
+    assert np.isnan(quality["ssim_brain"][3])
 
 
 def test_perplexity_of_a_uniform_assignment_equals_k():

@@ -58,6 +58,48 @@ def test_fast_sampler_draws_exactly_the_naive_samplers_codes():
         assert len(np.unique(naive)) > 3  # a real draw, not a constant grid
 
 
+@pytest.mark.parametrize("num_slices,positional", [(0, False), (4, False), (0, True), (4, True)])
+def test_cached_steps_give_the_full_pass_logits_at_every_position(num_slices, positional):
+    prior = random_prior(num_slices=num_slices, seed=num_slices + 1, positional=positional)
+    codes = np.random.default_rng(1).integers(0, K, (2, H, W)).astype(np.int32)
+    slices = np.array([1, 3], np.int32) if num_slices else -1
+    full = prior({"codes": codes, "slice": np.broadcast_to(slices, (2,))}).numpy()
+    state = prior.start_state(2, H, W, slices)
+    for i in range(H):
+        for j in range(W):
+            logits, state = prior.step(state, i, j)
+            assert logits.dtype == tf.float32 and logits.shape == (2, K)
+            np.testing.assert_allclose(logits.numpy(), full[:, i, j], rtol=1e-5, atol=1e-5, err_msg=f"at {(i, j)}")
+            state = prior.push_code(state, codes[:, i, j])
+        state = prior.finish_row(state, i, codes[:, i])
+    if positional:
+        with pytest.raises(ValueError, match="models 6x7 code grids. Received: height=5, width=7"):
+            prior.start_state(2, 5, W)
+
+
+def test_cached_steps_compute_in_the_priors_dtype_policy():
+    # Under mixed precision the cached steps run the prior's own bfloat16
+    # layers, as its full pass does (not a float32 copy of its weights).
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        prior = random_prior(num_slices=4, positional=True)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    codes = np.random.default_rng(1).integers(0, K, (2, H, W)).astype(np.int32)
+    full = prior({"codes": codes, "slice": np.array([0, 2], np.int32)}).numpy()
+    state = prior.start_state(2, H, W, [0, 2])
+    assert state["h_windows"][0].dtype == tf.bfloat16
+    worst = 0.0
+    for i in range(H):
+        for j in range(W):
+            logits, state = prior.step(state, i, j)
+            worst = max(worst, float(np.abs(logits.numpy() - full[:, i, j]).max()))
+            state = prior.push_code(state, codes[:, i, j])
+        state = prior.finish_row(state, i, codes[:, i])
+    assert worst <= 0.02 * np.abs(full).max()  # bfloat16 rounding in the order of sums only
+
+
 def test_fast_sampler_is_reproducible_and_follows_the_uniforms():
     prior = random_prior()
     sample = modules.make_fast_sampler(prior, 2, H, W, jit_compile=False)
