@@ -17,7 +17,6 @@ Usage:
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,42 +25,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
 
-
-def write_png_set(folder, n, pool=64, size=256):
-    """Writes `n` OASIS-named phantom PNGs (copies of `pool` distinct slices)."""
-    sys.path.insert(0, str(REPO))
-    import io
-
-    from PIL import Image
-
-    import dataset
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    blobs = []
-    for k in range(pool):
-        buf = io.BytesIO()
-        Image.fromarray(dataset.phantom_slice(k // 32 + 1, k % 32, size=size)).save(buf, format="PNG")
-        blobs.append(buf.getvalue())
-    for i in range(n):
-        (folder / f"case_{i // 32 + 1:05d}_slice_{i % 32}.nii.png").write_bytes(blobs[i % pool])
-    return folder
-
-
-def peak_rss_mb():
-    """Peak resident memory of this process, in MB.
-
-    Reads VmHWM, which starts afresh at exec; `ru_maxrss` would also count
-    the parent's peak at fork time.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+# One copy of the PNG-set writer and the peak-memory reading, shared with the
+# memory test (which must not import benchmark code).
+from memory_worker import peak_rss_mb, write_png_set  # noqa: E402
 
 
 def worker_ours(folder, batch_size=32):
