@@ -563,6 +563,11 @@ class GatedPixelCNN(keras.Model):
     Returns:
         Logits (B, H, W, K).
 
+    Sampling one code at a time does not need the whole pass per code:
+    `start_state`, `step`, `push_code` and `finish_row` run the same layers
+    on cached windows, one position at a time (`make_fast_sampler` loops
+    over them).
+
     Example:
     >>> prior = GatedPixelCNN(num_codes=16, filters=8, layers=2)
     >>> prior(keras.ops.zeros((1, 4, 4), "int32")).shape
@@ -729,11 +734,11 @@ class GatedPixelCNN(keras.Model):
         x = self.embed(ops.cast(codes, "int32"))
         v, h, skip = x, _shift_right(x), 0.0
         for i in range(self.num_layers):
-            term = lambda name: biases[name][i] if name in biases else None  # noqa: E731
+            terms = {name: values[i] for name, values in biases.items()}
             v_pre = self.v_convs[i](ops.pad(v, [[0, 0], [half - 1, 0], [k // 2, k // 2], [0, 0]]))
-            v_pre = self._add_biases(v_pre, term("cond_v"), term("pos_v"))
+            v_pre = self._add_biases(v_pre, terms.get("cond_v"), terms.get("pos_v"))
             h_pre = self.h_convs[i](ops.pad(h, [[0, 0], [0, 0], [half - 1, 0], [0, 0]]))
-            h_pre = self._add_biases(h_pre, term("cond_h"), term("pos_h"))
+            h_pre = self._add_biases(h_pre, terms.get("cond_h"), terms.get("pos_h"))
             h_pre = h_pre + self.v_to_h[i](_shift_down(v_pre))
             v = _gate(v_pre)
             skip_i, h = self._horizontal_out(i, h_pre, h)
@@ -788,9 +793,18 @@ class GatedPixelCNN(keras.Model):
         return state
 
     def step(self, state, i, j):
-        """Logits (batch, num_codes) float32 of position (i, j), and the state with that position's features.
+        """The logits of position (i, j), from the codes pushed so far; see `start_state`.
 
-        See `start_state`. Call `push_code` with the code drawn next.
+        Args:
+            state: the state after the previous position (`push_code`, or
+                `finish_row` / `start_state` at the start of a row).
+            i: row, an int or int32 scalar tensor.
+            j: column, likewise.
+
+        Returns:
+            `(logits, state)`: float32 logits (batch, num_codes), as `call`
+            gives at (i, j), and the state holding this position's features;
+            pass it to `push_code` with the code drawn.
         """
         cond, windows, skip, below = state.get("cond_h"), list(state["h_windows"]), 0.0, None
         for layer in range(self.num_layers):
@@ -808,14 +822,31 @@ class GatedPixelCNN(keras.Model):
         return self._logits(skip)[:, 0, 0], {**state, "h_windows": tuple(windows)}
 
     def push_code(self, state, code):
-        """The state once `code` (batch,) int32 is drawn at the current position; see `start_state`."""
+        """Adds the code drawn at the current position to the state; see `start_state`.
+
+        Args:
+            state: the state `step` returned for this position.
+            code: the drawn codes, int32 (batch,).
+
+        Returns:
+            The state for the next position of the row.
+        """
         # The first layer ("mask A") sees the codes strictly left of the position it predicts.
         window = state["h_windows"][0]
         window = ops.concatenate([window[:, :, 1:], self.embed(code)[:, None, None, :]], axis=2)
         return {**state, "h_windows": (window, *state["h_windows"][1:])}
 
     def finish_row(self, state, i, codes):
-        """The state for row i + 1, once row i's codes (batch, width) int32 are all drawn; see `start_state`."""
+        """Advances the state to the start of row i + 1; see `start_state`.
+
+        Args:
+            state: the state after the row's last `push_code`.
+            i: the finished row, an int or int32 scalar tensor.
+            codes: the row's codes, int32 (batch, width).
+
+        Returns:
+            The state for position (i + 1, 0).
+        """
         k, windows, above = self.kernel_size, [], []
         layer_input = self.embed(ops.cast(codes, "int32"))[:, None]  # (B, 1, W, F)
         for layer in range(self.num_layers):

@@ -193,8 +193,9 @@ def test_help_explains_every_flag():
 
 def test_prior_trains_in_the_run_and_generates_new_slices(trained_run, tmp_path):
     run, _, _ = trained_run
-    result = run_cli(REPO / "train.py", "--model", "pixelcnn", "--run", run, "--epochs", "12", "--filters", "8",
-                     "--layers", "2", "--skip-filters", "16", "--batch-size", "8", "--verbose", "2", "--json")
+    result = run_cli(REPO / "train.py", "--model", "pixelcnn", "--run", run, "--epochs", "12", "--lr", "0.01",
+                     "--filters", "8", "--layers", "2", "--skip-filters", "16", "--batch-size", "8", "--verbose", "2",
+                     "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = last_json(result.stdout)
     assert summary["epochs"] == 12 and summary["grid"] == [8, 8] and summary["num_slices"] == 8
