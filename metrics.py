@@ -7,12 +7,11 @@ validation metrics, XLA included) as well as eagerly.
 About half of a brain slice's canvas is black background (44% to 49% on
 the real slices), which any model reconstructs almost perfectly: averaged
 over the whole canvas, SSIM read 0.977 on real slices where the brain alone
-read 0.939. So next to the
-whole-image scores, `image_quality` reports scores inside ONE brain mask,
-`brain_mask`, computed from the original image only (never from the
-reconstruction, so a model cannot move it):
+read 0.939. So next to the whole-image scores, `image_quality` reports
+scores inside ONE brain mask, `brain_mask`, computed from the original
+image only (never from the reconstruction, so a model cannot move it):
 
-  1. a 3x3 box smoothing (zeros beyond the border count as background),
+  1. a 3x3 box smoothing (averaging the pixels inside the image only),
   2. foreground = smoothed intensity above `THRESHOLD` (0.05 of [0, 1]),
   3. holes filled: background is only what connects to the image border
      through below-threshold pixels (4-connected), so dark ventricles and
@@ -24,7 +23,8 @@ reach 0.047 from compression noise while 99.9% of brain pixels are above
 background noise as separate "brain" components, and after the 3x3
 smoothing every one of 60 slices checked gives exactly one component. The
 smoothing moves the outline out by at most one pixel (one pixel at a hard
-edge; brain 51.8% of the canvas vs 50.9% unsmoothed on the real slices). The phantoms' background is exactly 0.
+edge; brain 51.8% of the canvas vs 50.9% unsmoothed on the real slices).
+The phantoms' background is exactly 0.
 
 SSIM is the per-pixel SSIM map of `tf.image.ssim` (11x11 Gaussian window,
 sigma 1.5, K1 = 0.01, K2 = 0.03, max_val 1): its mean over the map is
