@@ -905,11 +905,12 @@ def sample_codes(logits, uniform, temperature=1.0):
     return tf.minimum(code, tf.shape(logits)[-1] - 1)
 
 
-def make_naive_sampler(prior, batch, height, width, temperature=1.0):
+def make_naive_sampler(prior, batch, height, width, temperature=1.0, jit_compile=False):
     """The reference sampler: one full forward pass of the prior per code position.
 
     This is the keras.io method (compiled into one graph here, which only
-    makes it faster): O(H*W) passes over the whole grid.
+    makes it faster; `jit_compile` XLA-compiles that graph, for comparisons
+    with the fast sampler like for like): O(H*W) passes over the whole grid.
 
     Returns:
         A function `sample(uniform, slice_index=-1, label=-1, positions=None) -> codes (B, H, W)`:
@@ -919,7 +920,7 @@ def make_naive_sampler(prior, batch, height, width, temperature=1.0):
     """
     rows = tf.range(height)[:, None] * width + tf.range(width)[None, :]
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def run(uniform, slices, labels, total):
         codes = tf.zeros((batch, height, width), tf.int32)
         for t in tf.range(total):

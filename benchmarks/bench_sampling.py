@@ -16,10 +16,8 @@ which only makes it faster) runs one full forward pass over the whole grid
 per code position, the same work at every position, so it is timed over the
 first `--naive-rows-32` / `--naive-rows-64` rows and extrapolated linearly
 to the grid (the output says so). A first call of one position traces and,
-with XLA, compiles it outside the timing. Its XLA variant comes from
-`modules.make_naive_sampler(..., jit_compile=True)` where that keyword
-exists, else from a copy of the same loop in this file (`naive_xla_from`
-says which).
+with XLA, compiles it outside the timing. Its XLA variant is
+`modules.make_naive_sampler(..., jit_compile=True)`.
 
 Exactness. The fast and naive samplers compute the same sums in different
 orders, so float32 rounding can flip a draw whose uniform falls within about
@@ -38,7 +36,6 @@ codes wherever it sampled.
 """
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -49,13 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import modules  # noqa: E402
+import runs  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-# modules.make_naive_sampler takes `jit_compile` once it is given the keyword; until then this file's copy is used.
-NAIVE_HAS_JIT = "jit_compile" in inspect.signature(modules.make_naive_sampler).parameters
-
 
 def timed(fn, *args):
     start = time.perf_counter()
@@ -64,35 +58,8 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def naive_sampler_copy(prior, batch, height, width, temperature=1.0, jit_compile=False):
-    """`modules.make_naive_sampler`'s loop, line for line, with the `jit_compile` option it lacks."""
-    rows = tf.range(height)[:, None] * width + tf.range(width)[None, :]
-
-    @tf.function(jit_compile=jit_compile)
-    def run(uniform, slices, labels, total):
-        codes = tf.zeros((batch, height, width), tf.int32)
-        for t in tf.range(total):
-            logits = prior({"codes": codes, "slice": slices, "label": labels})
-            i, j = t // width, t % width
-            code = modules.sample_codes(logits[:, i, j], uniform[:, i, j], temperature)
-            codes = tf.where((rows == t)[None], code[:, None, None], codes)
-        return codes
-
-    def sample(uniform, slice_index=-1, label=-1, positions=None):
-        vector = lambda value: tf.broadcast_to(tf.cast(value, tf.int32), (batch,))  # noqa: E731
-        total = height * width if positions is None else positions
-        return run(tf.convert_to_tensor(uniform, tf.float32), vector(slice_index), vector(label),
-                   tf.constant(total, tf.int32))
-
-    return sample
-
-
 def make_naive(prior, batch, size, jit_compile):
-    if NAIVE_HAS_JIT:
-        return modules.make_naive_sampler(prior, batch, size, size, jit_compile=jit_compile)
-    if not jit_compile:
-        return modules.make_naive_sampler(prior, batch, size, size)
-    return naive_sampler_copy(prior, batch, size, size, jit_compile=True)
+    return modules.make_naive_sampler(prior, batch, size, size, jit_compile=jit_compile)
 
 
 def teacher_forced_check(prior, codes, uniform):
@@ -182,7 +149,7 @@ def main(argv=None):
                "speedup_32_best/speedup_64_best (each sampler at its faster setting), "
                "speedup_32_mixed/speedup_64_mixed (naive without XLA / fast with XLA, the old headline), "
                "mismatched_codes_32/n_codes_32 (and _64: fast-with-XLA codes that teacher forcing redraws "
-               "differently, of all codes), identical, naive_xla_from, batch, prior, rows (per grid, every "
+               "differently, of all codes), identical, batch, prior, rows (per grid, every "
                "timing). A grid not measured gives null.")
     parser.add_argument("--run", default=None,
                         help="use this run folder's trained prior (pixelcnn_best.keras) instead of random weights; "
@@ -202,7 +169,11 @@ def main(argv=None):
     if args.batch < 1 or args.naive_rows_32 < 1 or args.naive_rows_64 < 1 or min(args.grids) < 1:
         parser.error("--batch, --grids and --naive-rows-* must be positive")
     if args.run:
-        prior = keras.models.load_model(Path(args.run) / "pixelcnn_best.keras", safe_mode=True, compile=False)
+        try:
+            prior = runs.Run(args.run).load_prior()
+        except runs.RunError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         what = f"trained prior from {args.run}"
         # A prior with a position embedding models one grid size only.
         grids = [prior.grid_size[0]] if prior.grid_size else args.grids
@@ -215,10 +186,7 @@ def main(argv=None):
             priors[grid](tf.zeros((1, grid, grid), tf.int32))
         what = "random-weight prior of the default size"
     some = next(iter(priors.values()))
-    naive_from = ("modules.make_naive_sampler(jit_compile=True)" if NAIVE_HAS_JIT
-                  else "this bench's copy of modules.make_naive_sampler's loop, under tf.function(jit_compile=True)")
-    print(f"{what}: {some.count_params():,} parameters, batch {args.batch}, {os.cpu_count()} CPU cores; "
-          f"naive sampler with XLA: {naive_from}")
+    print(f"{what}: {some.count_params():,} parameters, batch {args.batch}, {os.cpu_count()} CPU cores")
     naive_rows = {grid: args.naive_rows_64 if grid == 64 else args.naive_rows_32 for grid in priors}
     rows = {grid: measure(prior, args.batch, grid, min(naive_rows[grid], grid)) for grid, prior in priors.items()}
 
@@ -235,7 +203,7 @@ def main(argv=None):
         summary[f"n_codes_{grid}"] = per_grid(grid, lambda r: r["teacher_forced_xla"]["codes"])
     summary.update({"speedup_basis": "naive / fast, both with XLA (speedup_*_no_xla: both without; "
                                      "speedup_*_best: each at its faster setting)",
-                    "identical": all(r["identical"] for r in rows.values()), "naive_xla_from": naive_from,
+                    "identical": all(r["identical"] for r in rows.values()),
                     "batch": args.batch, "prior": what, "rows": list(rows.values())})
     for grid, r in rows.items():
         print(f"{grid}x{grid}: speedup {r['speedup_xla']:.0f}x with XLA on both, {r['speedup_no_xla']:.0f}x without; "
