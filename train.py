@@ -77,6 +77,11 @@ def finite_loss(logs):
     return loss is None or math.isfinite(float(loss))
 
 
+def optimizer_steps(model):
+    """Training steps the model's optimizer has taken (its `iterations`, under any strategy)."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations.value))
+
+
 class Backup(keras.callbacks.Callback):
     """Backups of the weights and optimizer state that an interrupted run resumes from, batch-exact.
 
@@ -103,7 +108,7 @@ class Backup(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        done = int(self.model.optimizer.iterations) - self.epoch * self.steps
+        done = optimizer_steps(self.model) - self.epoch * self.steps
         if finite_loss(logs) and done % self.every == 0 and done < self.steps:  # a full epoch: at its end
             self.save()
 
@@ -116,21 +121,22 @@ class Backup(keras.callbacks.Callback):
         tmp = self.folder / f".tmp-{os.getpid()}.weights.h5"
         self.model.save_weights(tmp)
         os.replace(tmp, self.weights)
-        epoch, done = divmod(int(self.model.optimizer.iterations), self.steps)
+        epoch, done = divmod(optimizer_steps(self.model), self.steps)
         runs.write_json(self.folder / "training_metadata.json", {"epoch": epoch, "batches_done": done})
 
     @staticmethod
     def resume_position(model, folder, steps):
         """Loads the backup in `folder` into `model` (built and compiled); returns (epoch, batches done in it)."""
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
         path = Path(folder) / "latest.weights.h5"
         try:
-            model.load_weights(path)
+            with model.distribute_strategy.scope():  # the model's variables live under its strategy
+                if not model.optimizer.built:
+                    model.optimizer.build(model.trainable_variables)
+                model.load_weights(path)
         except Exception as err:  # h5py and Keras raise many kinds for a bad file
             raise TrainingError(f"cannot read the backup {path} ({str(err).splitlines()[0][:160]}). Delete "
                                 f"{folder} to start the model again.") from None
-        return divmod(int(model.optimizer.iterations), steps)
+        return divmod(optimizer_steps(model), steps)
 
 
 class StopAfterEpoch(keras.callbacks.Callback):

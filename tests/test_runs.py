@@ -148,7 +148,7 @@ import train
 save, count = train.Backup.save, [0]
 def save_then_die(self):
     save(self)
-    epoch, done = divmod(int(self.model.optimizer.iterations), self.steps)
+    epoch, done = divmod(train.optimizer_steps(self.model), self.steps)
     if epoch == {epoch} and done == {done}:
         os._exit(9)
 train.Backup.save = save_then_die
@@ -249,7 +249,7 @@ spread = predict.reconstruct_split(model, split, 32, batch_size=5, export_codes=
                                    verbose=False)
 single = predict.reconstruct_split(run.load_vqvae(), split, 32, batch_size=5, export_codes=True, verbose=False)
 print(json.dumps({{k: float(np.max(np.abs(spread[k].astype(float) - single[k].astype(float))))
-                  for k in ("ssim", "ssim_brain", "psnr", "codes")} | {{"n": len(spread["ssim"])}}))
+                  for k in ("ssim", "ssim_brain", "psnr", "codes")}} | {{"n": len(spread["ssim"])}}))
 """
 
 
