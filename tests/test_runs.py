@@ -2,7 +2,9 @@
 
 Each test here failed on the code before `runs.Run` (stale priors, the split
 seed, --skip-bad downstream, truncated checkpoints, inexact resume, the
-memorisation check's reference).
+memorisation check's reference). The commands run in this process through
+their `main` (the same code path as the command line, without paying for a
+TensorFlow start per command); what needs a process of its own runs in one.
 """
 
 import csv
@@ -11,18 +13,44 @@ import json
 import shutil
 import sys
 import zipfile
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
 
+import predict
 import runs
+import train
 from conftest import REPO, brain_like, make_oasis_tree, run_cli, write_image
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8", "--codes", "32",
         "--code-dim", "8", "--verbose", "0"]
 PRIOR = ["--model", "pixelcnn", "--filters", "8", "--layers", "2", "--skip-filters", "16", "--batch-size", "8",
          "--verbose", "0"]
+
+
+CAPTURE = {}
+
+
+@pytest.fixture(autouse=True)
+def capture_commands(capsys):
+    CAPTURE["sys"] = capsys
+    yield
+    CAPTURE.clear()
+
+
+def command(script, *args):
+    """Runs `script.main(args)` as the command line would; returns its exit code and what it printed."""
+    capsys = CAPTURE.get("sys")
+    if capsys is not None:
+        capsys.readouterr()
+    try:
+        code = script.main([str(a) for a in args])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def last_json(stdout):
@@ -64,34 +92,32 @@ def flat_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_with_prior(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
-    done = run_cli(REPO / "train.py", "--data", tiny_data, "--run", run, "--epochs", "1", "--json", *TINY)
-    assert done.returncode == 0, done.stderr[-3000:]
-    done = run_cli(REPO / "train.py", *PRIOR, "--run", run, "--epochs", "1", "--json")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert command(train, "--data", tiny_data, "--run", run, "--epochs", "1", *TINY).returncode == 0
+    assert command(train, *PRIOR, "--run", run, "--epochs", "1").returncode == 0
     return run
 
 
 def test_a_retrained_vqvae_retires_its_prior(run_with_prior, tiny_data, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_with_prior, run)
-    done = run_cli(REPO / "train.py", "--data", tiny_data, "--run", run, "--epochs", "1", "--seed", "5",
+    done = command(train, "--data", tiny_data, "--run", run, "--epochs", "1", "--seed", "5",
                    "--overwrite", *TINY)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "retiring the prior" in done.stdout
     assert not list(run.glob("pixelcnn_*")) and not (run / "codes_cache.npz").exists()
-    line = one_error_line(run_cli(REPO / "predict.py", "--run", run, "--generate", "2"))
+    line = one_error_line(command(predict, "--run", run, "--generate", "2"))
     assert "no trained prior" in line and "--model pixelcnn" in line
 
 
 def test_a_prior_trained_on_another_vqvae_is_refused(run_with_prior, tiny_data, tmp_path):
     # The VQ-VAE is replaced behind the run's back (copied over from another run).
     other = tmp_path / "other"
-    done = run_cli(REPO / "train.py", "--data", tiny_data, "--run", other, "--epochs", "1", "--seed", "9", *TINY)
+    done = command(train, "--data", tiny_data, "--run", other, "--epochs", "1", "--seed", "9", *TINY)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     shutil.copytree(run_with_prior, run)
     shutil.copy(other / "vqvae_best.keras", run / "vqvae_best.keras")
-    line = one_error_line(run_cli(REPO / "predict.py", "--run", run, "--generate", "2"))
+    line = one_error_line(command(predict, "--run", run, "--generate", "2"))
     assert "trained on another VQ-VAE" in line and "--model pixelcnn" in line and "--overwrite" in line
     with pytest.raises(runs.RunError, match="another VQ-VAE"):
         runs.Run(run).load_prior()
@@ -102,16 +128,16 @@ def test_the_split_seed_is_its_own_and_predict_keeps_the_runs_split(flat_folder,
     tests = []
     for seed in (1, 2):
         run = tmp_path / f"seed{seed}"
-        done = run_cli(REPO / "train.py", "--data", flat_folder, "--run", run, "--epochs", "1", "--seed", str(seed),
+        done = command(train, "--data", flat_folder, "--run", run, "--epochs", "1", "--seed", str(seed),
                        "--split-seed", "7", *TINY)
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads((run / "vqvae_config.json").read_text())["split_seed"] == 7
-        done = run_cli(REPO / "predict.py", "--run", run, "--json")
+        done = command(predict, "--run", run, "--json")
         assert done.returncode == 0, done.stderr[-3000:]
         with open(last_json(done.stdout)["csv"]) as f:
             tests.append(sorted(row["file"] for row in csv.DictReader(f)))
     assert tests[0] == tests[1]  # a seed sweep evaluates on one test set
-    line = one_error_line(run_cli(REPO / "predict.py", "--run", tmp_path / "seed1", "--split-seed", "3"))
+    line = one_error_line(command(predict, "--run", tmp_path / "seed1", "--split-seed", "3"))
     assert "split with seed 7" in line
 
 
@@ -120,12 +146,12 @@ def test_skip_bad_reaches_the_prior_and_generation(tmp_path):
     bad = data / "keras_png_slices_data" / "keras_png_slices_train" / "case_001_slice_3.nii.png"
     bad.write_bytes(b"not an image at all")
     run = tmp_path / "run"
-    assert "not an image" in one_error_line(run_cli(REPO / "train.py", "--data", data, "--run", run, *TINY))
-    done = run_cli(REPO / "train.py", "--data", data, "--run", run, "--epochs", "1", "--skip-bad", *TINY)
+    assert "not an image" in one_error_line(command(train, "--data", data, "--run", run, *TINY))
+    done = command(train, "--data", data, "--run", run, "--epochs", "1", "--skip-bad", *TINY)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run_cli(REPO / "train.py", *PRIOR, "--run", run, "--epochs", "1")  # no --skip-bad: the run's is used
+    done = command(train, *PRIOR, "--run", run, "--epochs", "1")  # no --skip-bad: the run's is used
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run_cli(REPO / "predict.py", "--run", run, "--generate", "2", "--no-xla", "--json")
+    done = command(predict, "--run", run, "--generate", "2", "--no-xla", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     assert str(bad) in done.stderr  # a warning names the file each time it is left out
 
@@ -135,58 +161,54 @@ def test_a_truncated_checkpoint_is_named_corrupt_or_truncated(run_with_prior, tm
     shutil.copytree(run_with_prior, run)
     path = run / "vqvae_best.keras"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    line = one_error_line(run_cli(REPO / "predict.py", "--run", run))
+    line = one_error_line(command(predict, "--run", run))
     assert "corrupt or truncated" in line and str(path) in line
 
 
-# A run killed right after a backup taken mid-epoch, in a fresh process, as a
-# SIGKILL would leave it (the process ends without any clean-up).
-KILL_AFTER_BACKUP = """
-import os, sys
-sys.path.insert(0, {repo!r})
-import train
-save, count = train.Backup.save, [0]
-def save_then_die(self):
-    save(self)
-    epoch, done = divmod(train.optimizer_steps(self.model), self.steps)
-    if epoch == {epoch} and done == {done}:
-        os._exit(9)
-train.Backup.save = save_then_die
-sys.exit(train.main(sys.argv[1:]))
-"""
+class Killed(BaseException):
+    """Stands for a SIGKILL right after a backup: nothing after it runs (not even Keras's clean-up)."""
 
 
 @pytest.mark.parametrize("model", ["vqvae", "pixelcnn"])
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_with_prior, tiny_data, tmp_path):
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_with_prior, tiny_data, tmp_path,
+                                                                     monkeypatch):
     """Same final weights, optimizer state and codebook, bit for bit (CPU)."""
     if model == "vqvae":
-        flags = ["--data", str(tiny_data), "--epochs", "3", "--backup-every", "1", "--seed", "4", *TINY]
+        flags = ["--data", tiny_data, "--epochs", "2", "--backup-every", "1", "--seed", "4", *TINY]
     else:
-        flags = [*PRIOR, "--epochs", "3", "--backup-every", "1", "--seed", "4"]
-    runs_ = {}
+        flags = [*PRIOR, "--epochs", "2", "--backup-every", "1", "--seed", "4"]
+    folders = {}
     for name in ("whole", "killed"):
-        runs_[name] = tmp_path / name
+        folders[name] = tmp_path / name
         if model == "pixelcnn":  # the same VQ-VAE under both priors
-            runs_[name].mkdir()
+            folders[name].mkdir()
             for f in ("vqvae_best.keras", "vqvae_config.json", "vqvae_summary.json"):
-                shutil.copy(run_with_prior / f, runs_[name] / f)
-    done = run_cli(REPO / "train.py", *flags, "--run", runs_["whole"])
+                shutil.copy(run_with_prior / f, folders[name] / f)
+    done = command(train, *flags, "--run", folders["whole"])
     assert done.returncode == 0, done.stderr[-3000:]
-    killer = KILL_AFTER_BACKUP.format(repo=str(REPO), epoch=1, done=2)  # 4 steps per epoch: mid epoch 2
-    died = run_cli("-c", killer, *flags, "--run", runs_["killed"])
-    assert died.returncode == 9, died.stderr[-3000:]
-    meta = json.loads((runs_["killed"] / f"{model}_backup" / "training_metadata.json").read_text())
-    assert meta == {"epoch": 1, "batches_done": 2}
-    done = run_cli(REPO / "train.py", *flags, "--run", runs_["killed"])
+    save = train.Backup.save
+
+    def save_then_die(self):  # 4 steps per epoch: killed after step 2 of the first epoch
+        save(self)
+        if train.optimizer_steps(self.model) == 2:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.Backup, "save", save_then_die)
+        with pytest.raises(Killed):
+            command(train, *flags, "--run", folders["killed"])
+    meta = json.loads((folders["killed"] / f"{model}_backup" / "training_metadata.json").read_text())
+    assert meta == {"epoch": 0, "batches_done": 2}
+    done = command(train, *flags, "--run", folders["killed"])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming epoch 2 at step 3 of 4" in done.stdout
-    whole = checkpoint_state(runs_["whole"] / f"{model}_last.keras")
-    resumed = checkpoint_state(runs_["killed"] / f"{model}_last.keras")
+    assert "resuming epoch 1 at step 3 of 4" in done.stdout
+    whole = checkpoint_state(folders["whole"] / f"{model}_last.keras")
+    resumed = checkpoint_state(folders["killed"] / f"{model}_last.keras")
     assert whole.keys() == resumed.keys() and any("optimizer" in k for k in whole)
     for key in whole:
         np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
-    with open(runs_["killed"] / f"{model}_history.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+    with open(folders["killed"] / f"{model}_history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
 
 
 def test_nearest_ssim_in_bounded_chunks_equals_all_pairs_at_once(tiny_data):
@@ -203,7 +225,7 @@ def test_nearest_ssim_in_bounded_chunks_equals_all_pairs_at_once(tiny_data):
 
 
 def test_generation_reports_like_for_like_memorisation_references(run_with_prior, tmp_path):
-    done = run_cli(REPO / "predict.py", "--run", run_with_prior, "--generate", "3", "--no-xla", "--out",
+    done = command(predict, "--run", run_with_prior, "--generate", "3", "--no-xla", "--out",
                    tmp_path / "gen", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = last_json(done.stdout)
@@ -217,7 +239,7 @@ def test_generation_reports_like_for_like_memorisation_references(run_with_prior
 
 def test_predict_on_a_users_folder_saves_every_reconstruction(run_with_prior, flat_folder, tmp_path):
     out = tmp_path / "out"
-    done = run_cli(REPO / "predict.py", "--run", run_with_prior, "--split", "all", "--data", flat_folder,
+    done = command(predict, "--run", run_with_prior, "--split", "all", "--data", flat_folder,
                    "--fit", "stretch", "--save-images", "--out", out, "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = last_json(done.stdout)
