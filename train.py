@@ -6,11 +6,12 @@
     python train.py --model vqvae --data PATH --strategy mirrored --mixed-precision   # all local GPUs
 
 Everything a run writes goes to its run folder (default runs/vqvae-<time>,
-linked as runs/latest): the config next to the weights, best and last
-checkpoints (.keras, written atomically), a mid-epoch backup that an
-interrupted run resumes from, CSV and TensorBoard logs, a figure per epoch
-(reconstructions, or new samples for the prior) and the training curves.
-Under a multi-worker strategy only the chief writes there.
+linked as runs/latest), which `runs.Run` owns: the config next to the
+weights, best and last checkpoints (.keras, written atomically), a backup
+that an interrupted run resumes from batch-exactly, CSV and TensorBoard
+logs, a figure per epoch (reconstructions, or new samples for the prior) and
+the training curves. A new VQ-VAE retires the prior of the old one. Under a
+multi-worker strategy only the chief writes there.
 """
 
 import argparse
