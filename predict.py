@@ -175,7 +175,8 @@ def nearest_ssim(images, split, image_size, fit, batch_size=64, pair_pixels=PAIR
         q, m = tf.shape(queries)[0], tf.shape(batch)[0]
         a = tf.repeat(queries, m, axis=0)
         b = tf.tile(batch, [q, 1, 1, 1])
-        return tf.reshape(tf.image.ssim(a, b, max_val=1.0), (q, m))
+        # The SSIM map of `metrics` (tf.image.ssim's window, applied separably: several times faster).
+        return tf.reshape(tf.reduce_mean(metrics.ssim_map(a, b), axis=[1, 2]), (q, m))
 
     best = np.full(n, -1.0)
     where = np.zeros(n, dtype=np.int64)
