@@ -41,12 +41,26 @@ border for the brain SSIM; identical images give PSNR inf, as
 `tf.image.psnr` does.
 """
 
-import tensorflow as tf
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.feature import graycomatrix, graycoprops
+
+import dataset
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 THRESHOLD = 0.05  # foreground: smoothed intensity above this, in [0, 1]
 SMOOTHING = 3  # side of the box filter applied before thresholding
 FILTER_SIZE, FILTER_SIGMA = 11, 1.5  # SSIM's Gaussian window, as tf.image.ssim
 K1, K2 = 0.01, 0.03  # SSIM's stabilising constants, as tf.image.ssim
+MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # tf.image.ssim_multiscale's, finest first
 
 
 def _as_images(x, name):
@@ -162,7 +176,13 @@ def ssim_map(images, reconstructions, max_val=1.0):
     Returns:
         float32 (B, H - 10, W - 10).
     """
-    x, y = _as_images(images, "images"), _as_images(reconstructions, "reconstructions")
+    luminance, contrast_structure = _ssim_terms(_as_images(images, "images"),
+                                                _as_images(reconstructions, "reconstructions"), max_val)
+    return tf.reduce_mean(luminance * contrast_structure, axis=-1)
+
+
+def _ssim_terms(x, y, max_val=1.0):
+    """SSIM's luminance and contrast-structure maps, (B, H - 10, W - 10, C), per channel."""
     if x.shape[1] is not None and x.shape[2] is not None and min(x.shape[1], x.shape[2]) < FILTER_SIZE:
         raise ValueError(f"SSIM needs images of at least {FILTER_SIZE}x{FILTER_SIZE} pixels. "
                          f"Received: images of shape {tuple(x.shape)}")
@@ -181,7 +201,40 @@ def ssim_map(images, reconstructions, max_val=1.0):
     den0 = tf.square(mean_x) + tf.square(mean_y)
     luminance = (num0 + c1) / (den0 + c1)
     contrast_structure = (mean_xy * 2.0 - num0 + c2) / (mean_squares - den0 + c2)
-    return tf.reduce_mean(luminance * contrast_structure, axis=-1)
+    return luminance, contrast_structure
+
+
+def ms_ssim(images, others, power_factors=MSSSIM_WEIGHTS, max_val=1.0):
+    """Multi-scale SSIM per image pair, as `tf.image.ssim_multiscale`, with the separable window (several times faster).
+
+    Scale by scale (each a 2x2 average of the last, odd sides padded
+    symmetrically as tf does): the mean contrast-structure term, and at the
+    coarsest scale the mean SSIM; each clipped at 0, raised to its power
+    factor and multiplied; averaged over channels. Equals
+    `tf.image.ssim_multiscale(images, others, max_val, power_factors)` to
+    float rounding (tested).
+
+    Args:
+        images, others: (B, H, W, C) in [0, max_val]; the coarsest scale
+            must be at least 11 pixels (see `msssim_scales`).
+        power_factors: one weight per scale, finest first.
+
+    Returns:
+        float32 (B,).
+    """
+    x, y = _as_images(images, "images"), _as_images(others, "others")
+    factors = tf.constant(power_factors, tf.float32)
+    terms = []
+    for k in range(len(power_factors)):
+        if k > 0:
+            pad = [[0, 0], [0, x.shape[1] % 2], [0, x.shape[2] % 2], [0, 0]]
+            x, y = (tf.nn.avg_pool2d(tf.pad(t, pad, mode="SYMMETRIC"), 2, 2, "VALID") for t in (x, y))
+        luminance, contrast_structure = _ssim_terms(x, y, max_val)
+        if k < len(power_factors) - 1:
+            terms.append(tf.nn.relu(tf.reduce_mean(contrast_structure, axis=(1, 2))))
+        else:
+            terms.append(tf.nn.relu(tf.reduce_mean(luminance * contrast_structure, axis=(1, 2))))
+    return tf.reduce_mean(tf.reduce_prod(tf.pow(tf.stack(terms, axis=-1), factors), axis=-1), axis=-1)
 
 
 def _masked_mean(values, mask):
@@ -229,3 +282,477 @@ def image_quality(images, reconstructions):
         "ssim_brain": _masked_mean(ssim, ssim_mask),
         "psnr_brain": 10.0 * tf.math.log(1.0 / _masked_mean(squared_error, mask)) / tf.math.log(10.0),
     }
+
+
+# ---------------------------------------------------------------------------
+# Generated slices against real ones
+# ---------------------------------------------------------------------------
+#
+# No pretrained network may be downloaded here, so the learned features come
+# from an evaluation network of our own: a small CNN trained, only on a data
+# set's training split, to tell which of four rotations was applied to a
+# slice (RotNet, Gidaris et al. 2018). That task needs no labels, works on any
+# folder of slices, and can only be solved by knowing what a brain looks like
+# the right way up: its global layout (which end is frontal, where the
+# ventricles and the cerebellum sit) as well as its texture. The network is
+# never shown a VQ-VAE reconstruction or a sample. Its features are the
+# concatenation of a texture part (the spatial mean of an intermediate layer)
+# and a layout part (a dense embedding of the last 4x4 feature map), 256
+# numbers per slice.
+
+EVAL_SIZE = 128  # slices are resized (area) to this side for the evaluation network and the C2ST
+EVAL_STEPS = 600  # training steps of the evaluation network (batch 32)
+EVAL_VERSION = 1  # part of the cache key: bump when the network or its training changes
+NEAREST_K = 5  # k of precision, recall, density and coverage
+FEW_SAMPLES = 100  # below this many samples the distribution metrics are noisy: warn
+
+
+def to_eval_size(images, size=EVAL_SIZE):
+    """Images (B, H, W, 1) in [0, 1] resized to `size` x `size`: area averaging down, bilinear up."""
+    images = _as_images(images, "images")
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    method = "area" if images.shape[1] >= size else "bilinear"
+    return tf.image.resize(images, (size, size), method=method)
+
+
+def _rotations(images, seed):
+    """Each image rotated by a random multiple of 90 degrees; returns (rotated, k)."""
+    k = tf.random.stateless_uniform((tf.shape(images)[0],), seed, 0, 4, dtype=tf.int32)
+    turns = tf.stack([tf.image.rot90(images, i) for i in range(4)])  # (4, B, H, W, 1), square images
+    return tf.gather_nd(tf.transpose(turns, (1, 0, 2, 3, 4)), tf.stack([tf.range(tf.shape(k)[0]), k], 1)), k
+
+
+def evaluation_network(size=EVAL_SIZE, seed=0):
+    """The evaluation network: a rotation classifier whose "features" output is 256 numbers per slice.
+
+    Args:
+        size: input side (slices are resized to it with `to_eval_size`).
+        seed: seed of the initial weights.
+
+    Returns:
+        A `keras.Model` mapping (B, size, size, 1) to
+        {"logits": (B, 4), "features": (B, 256)}.
+    """
+    init = keras.initializers.HeNormal(seed=seed)
+    inputs = keras.Input((size, size, 1))
+    x = inputs
+    for i, filters in enumerate((32, 64, 128, 128, 64)):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", kernel_initializer=init,
+                                name=f"conv{i + 1}")(x)
+        if i == 2:
+            texture = keras.layers.GlobalAveragePooling2D(name="texture")(x)
+    x = keras.layers.AveragePooling2D(x.shape[1] // 4, name="to_4x4")(x) if x.shape[1] > 4 else x
+    layout = keras.layers.Dense(128, activation="relu", kernel_initializer=init, name="layout")(
+        keras.layers.Flatten()(x))
+    logits = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                                name="rotation")(layout)
+    features = keras.layers.Concatenate(name="features")([texture, layout])
+    return keras.Model(inputs, {"logits": logits, "features": features}, name="evaluation_network")
+
+
+def files_digest(paths, extra=""):
+    """SHA-256 over the names and bytes of `paths` (in order) and `extra`: the cache key of a trained network."""
+    digest = hashlib.sha256(extra.encode())
+    for path in paths:
+        digest.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def train_evaluation_network(images, steps=EVAL_STEPS, batch_size=32, seed=0, log=print):
+    """Trains `evaluation_network()` to predict rotations of the images a dataset yields.
+
+    Args:
+        images: a repeating `tf.data.Dataset` of image batches (B, H, W, 1)
+            in [0, 1] (the training split; shuffled).
+        steps: training steps.
+        batch_size: only for the log line; the dataset sets the batch.
+        seed: seed of the weights and of the rotations.
+        log: callable for progress lines.
+
+    Returns:
+        `(model, rotation accuracy over the last 50 steps)`.
+    """
+    model = evaluation_network(seed=seed)
+    optimizer = keras.optimizers.Adam(1e-3)
+
+    @tf.function
+    def step(batch, i):
+        # A random shift of up to 8 pixels, so the borders of the canvas carry no cue.
+        batch = to_eval_size(batch)
+        shift = tf.random.stateless_uniform((2,), [seed, 2 * i + 1], -8, 9, dtype=tf.int32)
+        batch = tf.roll(batch, shift, axis=(1, 2))
+        rotated, k = _rotations(batch, [seed, 2 * i])
+        with tf.GradientTape() as tape:
+            logits = model(rotated, training=True)["logits"]
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(k, logits))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), k), tf.float32))
+
+    bar = keras.utils.Progbar(steps, unit_name="step", interval=1.0)
+    accuracy, it = [], iter(images)
+    for i in range(steps):
+        accuracy.append(float(step(next(it), tf.constant(i, tf.int64))))
+        bar.update(i + 1)
+    return model, float(np.mean(accuracy[-50:]))
+
+
+def load_evaluation_network(split, image_size, fit, cache_dir, steps=EVAL_STEPS, seed=0, log=print):
+    """The evaluation network of a training split: loaded from `cache_dir`, else trained once and saved there.
+
+    The cache key is a digest of the training files (names and bytes), the
+    size and fit they are loaded at, the training steps, the seed and
+    `EVAL_VERSION`; a changed file retrains it.
+
+    Args:
+        split: the training `dataset.Split`.
+        image_size, fit: how the slices are loaded (as the VQ-VAE saw them).
+        cache_dir: folder of cached networks.
+        steps, seed: training steps and seed.
+        log: callable for progress lines.
+
+    Returns:
+        A `keras.Model` (see `evaluation_network`).
+    """
+    key = files_digest(split.paths, f"v{EVAL_VERSION} size={image_size} fit={fit} steps={steps} seed={seed}")[:16]
+    path = Path(cache_dir) / "evaluation_network" / f"{key}.weights.h5"
+    model = evaluation_network(seed=seed)
+    if path.is_file():
+        try:
+            model.load_weights(path)
+            return model
+        except Exception as err:  # a damaged cache file is rebuilt, never trusted
+            log(f"warning: cached evaluation network {path} is unreadable ({type(err).__name__}); retraining it")
+    log(f"training the evaluation network (rotation prediction, {steps} steps) on {len(split)} training slices; "
+        f"cached as {path}")
+    keras.utils.set_random_seed(seed)
+    stream = dataset.make_dataset(split, image_size=image_size, batch_size=32, shuffle=True, seed=seed, repeat=True,
+                                  drop_remainder=len(split) >= 32, fit=fit)
+    model, accuracy = train_evaluation_network(stream, steps=steps, seed=seed, log=log)
+    log(f"evaluation network: rotation accuracy {accuracy:.3f} over its last 50 training batches")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.weights.h5")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+    with open(path.with_suffix("").with_suffix(".json"), "w") as f:
+        json.dump({"files": len(split), "image_size": image_size, "fit": fit, "steps": steps, "seed": seed,
+                   "rotation_accuracy": accuracy, "version": EVAL_VERSION}, f)
+    return model
+
+
+def features(network, images, batch_size=64):
+    """The evaluation network's features of images (N, H, W, 1) in [0, 1]: float64 (N, 256)."""
+    run = tf.function(lambda x: network(to_eval_size(x), training=False)["features"], reduce_retracing=True)
+    images = np.asarray(images, np.float32)
+    return np.concatenate([run(images[i:i + batch_size]).numpy() for i in range(0, len(images), batch_size)]
+                          ).astype(np.float64)
+
+
+def frechet_distance(x, y):
+    """Frechet distance between Gaussians fitted to feature sets x (N, D) and y (M, D).
+
+    ||mu_x - mu_y||^2 + Tr(S_x + S_y - 2 (S_x S_y)^(1/2)), the trace of the
+    square root taken as the sum of square roots of the eigenvalues of
+    S_x^(1/2) S_y S_x^(1/2) (symmetric, so exact eigh; no complex sqrtm).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+        raise ValueError(f"need two sets of at least 2 feature vectors of one width. Received: shapes {x.shape}, "
+                         f"{y.shape}")
+    sx, sy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    values, vectors = np.linalg.eigh(sx)
+    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sy @ root), 0, None)).sum()
+    return float(np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(sx) + np.trace(sy) - 2.0 * cross)
+
+
+def kernel_inception_distance(x, y, subset_size=1000, subsets=100, seed=0):
+    """KID: the unbiased estimate of the squared MMD with the cubic polynomial kernel (Binkowski et al. 2018).
+
+    k(a, b) = (a . b / D + 1)^3. With both sets no larger than `subset_size`
+    the estimate uses all of them once; otherwise it averages `subsets`
+    random subsets of `subset_size` each (as clean-fid and torchmetrics).
+    Unbiased: its expectation is 0 when x and y come from one distribution,
+    so it can be negative.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    m = min(len(x), len(y), subset_size)
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 feature vectors per set. Received: {len(x)} and {len(y)}")
+    rng = np.random.default_rng(seed)
+    whole = m == len(x) == len(y)
+    values = []
+    for _ in range(1 if whole else subsets):
+        a = x if whole else x[rng.choice(len(x), m, replace=False)]
+        b = y if whole else y[rng.choice(len(y), m, replace=False)]
+        kxx, kyy, kxy = [(p @ q.T / x.shape[1] + 1.0) ** 3 for p, q in ((a, a), (b, b), (a, b))]
+        values.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                      - 2.0 * kxy.mean())
+    return float(np.mean(values))
+
+
+def _distances(x, y):
+    squared = (x ** 2).sum(1)[:, None] + (y ** 2).sum(1)[None, :] - 2.0 * x @ y.T
+    return np.sqrt(np.clip(squared, 0, None))
+
+
+def precision_recall_density_coverage(real, fake, k=NEAREST_K):
+    """Precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020).
+
+    Each real (fake) point's neighbourhood is the ball reaching its k-th
+    nearest other real (fake) point. Precision: share of fakes inside some
+    real ball. Recall: share of reals inside some fake ball. Density: fakes'
+    average count of real balls containing them, over k. Coverage: share of
+    real balls holding at least one fake. Strict inequalities, as the `prdc`
+    package (which the tests check this against).
+
+    Returns:
+        dict of floats: precision, recall, density, coverage.
+    """
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"need more than k={k} feature vectors per set. Received: {len(real)} real, {len(fake)} "
+                         "fake")
+    real_radii = np.sort(_distances(real, real), axis=1)[:, k]  # column 0 is the point itself
+    fake_radii = np.sort(_distances(fake, fake), axis=1)[:, k]
+    cross = _distances(real, fake)  # (real, fake)
+    inside = cross < real_radii[:, None]
+    return {"precision": float(inside.any(axis=0).mean()),
+            "recall": float((cross < fake_radii[None, :]).any(axis=1).mean()),
+            "density": float(inside.sum(axis=0).mean() / k),
+            "coverage": float((cross.min(axis=1) < real_radii).mean())}
+
+
+def msssim_scales(size, filter_size=FILTER_SIZE):
+    """How many MS-SSIM scales fit images of side `size` (each halving; the coarsest at least the window)."""
+    scales = 1
+    while scales < len(MSSSIM_WEIGHTS) and size // 2 ** scales >= filter_size:
+        scales += 1
+    return scales
+
+
+def msssim_diversity(images, pairs=1000, seed=0, batch_size=64):
+    """Mean MS-SSIM (`ms_ssim`, as `tf.image.ssim_multiscale`) over random pairs of different images: near 1 = collapsed.
+
+    All pairs when there are no more than `pairs` of them, else `pairs`
+    random ones. The scales that fit the image size are used (5 from 176 px
+    up; 4 at 128 px), with tf's weights renormalised over them.
+
+    Returns:
+        `(mean MS-SSIM, number of pairs)`.
+    """
+    images = np.asarray(images, np.float32)
+    n = len(images)
+    if n < 2:
+        raise ValueError(f"MS-SSIM diversity needs at least 2 images. Received: {n}")
+    if n * (n - 1) // 2 <= pairs:
+        first, second = np.triu_indices(n, 1)
+    else:
+        rng = np.random.default_rng(seed)
+        first = rng.integers(0, n, pairs)
+        second = (first + rng.integers(1, n, pairs)) % n  # never the same image
+    weights = np.array(MSSSIM_WEIGHTS[:msssim_scales(min(images.shape[1:3]))])
+    weights = tuple(weights / weights.sum())
+    run = tf.function(lambda a, b: ms_ssim(a, b, power_factors=weights), reduce_retracing=True)
+    values = [run(images[first[i:i + batch_size]], images[second[i:i + batch_size]]).numpy()
+              for i in range(0, len(first), batch_size)]
+    return float(np.concatenate(values).mean()), int(len(first))
+
+
+# The texture features: a radiomics-style description of the brain, no learned network.
+TEXTURE_LEVELS = 32  # grey levels of the co-occurrence matrices
+TEXTURE_FILTERS = ("original", "log1", "log2")  # the image and its Laplacian of Gaussian at sigma 1 and 2 pixels
+GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation")
+
+
+def _filtered(image, name):
+    if name == "original":
+        return image
+    return ndimage.gaussian_laplace(image.astype(np.float64), sigma=float(name[3:]))
+
+
+class TextureFeatures:
+    """Radiomics-style texture features inside the brain mask, in the manner of the Frechet Radiomic Distance.
+
+    Per slice and per filter (the image, its Laplacian of Gaussian at sigma
+    1 and 2 pixels): first-order statistics of the brain pixels (mean, std,
+    skewness, kurtosis, 10th/50th/90th percentiles, histogram entropy) and
+    grey-level co-occurrence features (scikit-image; contrast,
+    dissimilarity, homogeneity, energy, correlation, averaged over four
+    directions, at distances 1 and 2) of brain pixel pairs only; plus the
+    brain's share of the canvas. 55 numbers. The grey levels' range per
+    filter is fitted on the reference (real) slices, and the features are
+    z-scored by the reference's mean and standard deviation before a
+    Frechet distance, so every feature weighs the same. Not comparable with
+    published FRD values (other features, filters, normalisation, images).
+
+    Example:
+    >>> texture = TextureFeatures().fit(real_images)
+    >>> frechet_distance(texture(real_images), texture(generated_images))
+    """
+
+    def __init__(self):
+        self.ranges = self.mean = self.std = None
+
+    def _masks(self, images):
+        return np.concatenate([brain_mask(images[i:i + 64]).numpy()[..., 0] for i in range(0, len(images), 64)])
+
+    def fit(self, images):
+        images = np.asarray(images, np.float32)
+        masks = self._masks(images)
+        self.ranges = {}
+        for name in TEXTURE_FILTERS:
+            inside = np.concatenate([_filtered(im[..., 0], name)[m] for im, m in zip(images, masks)])
+            self.ranges[name] = (np.percentile(inside, 0.5), np.percentile(inside, 99.5)) if len(inside) else (0, 1)
+        raw = self._raw(images, masks)
+        self.mean, self.std = raw.mean(0), raw.std(0) + 1e-8
+        return self
+
+    def _raw(self, images, masks):
+        rows = []
+        for image, mask in zip(images, masks):
+            row = [mask.mean()]
+            for name in TEXTURE_FILTERS:
+                values = _filtered(image[..., 0], name)
+                inside = values[mask]
+                if len(inside) < 2:  # no brain: the features of a flat patch
+                    inside = np.zeros(2)
+                std = inside.std()
+                centred = (inside - inside.mean()) / (std + 1e-12)
+                lo, hi = self.ranges[name]
+                levels = np.clip(((values - lo) / max(hi - lo, 1e-12) * TEXTURE_LEVELS).astype(int), 0,
+                                 TEXTURE_LEVELS - 1) + 1
+                levels[~mask] = 0  # level 0: outside the brain, dropped from the matrix below
+                histogram = np.bincount(levels[mask], minlength=TEXTURE_LEVELS + 1)[1:] / max(mask.sum(), 1)
+                nonzero = histogram[histogram > 0]
+                row += [inside.mean(), std, (centred ** 3).mean(), (centred ** 4).mean(),
+                        *np.percentile(inside, (10, 50, 90)), -(nonzero * np.log2(nonzero)).sum()]
+                glcm = graycomatrix(levels.astype(np.uint8), [1, 2], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4],
+                                    levels=TEXTURE_LEVELS + 1, symmetric=True)[1:, 1:].astype(np.float64)
+                glcm /= np.maximum(glcm.sum(axis=(0, 1), keepdims=True), 1.0)
+                for prop in GLCM_PROPS:
+                    row += list(np.nan_to_num(graycoprops(glcm, prop)).mean(axis=1))
+            rows.append(row)
+        return np.asarray(rows, np.float64)
+
+    def __call__(self, images):
+        if self.ranges is None:
+            raise RuntimeError("TextureFeatures must be fitted on reference slices first: call .fit(real_images)")
+        images = np.asarray(images, np.float32)
+        return (self._raw(images, self._masks(images)) - self.mean) / self.std
+
+
+def wilson_interval(successes, trials, z=1.96):
+    """The Wilson score interval of a binomial proportion (95% by default)."""
+    if trials == 0:
+        return float("nan"), float("nan")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return float(centre - half), float(centre + half)
+
+
+def _c2st_network(seed):
+    init = keras.initializers.HeNormal(seed=seed)
+    inputs = keras.Input((EVAL_SIZE, EVAL_SIZE, 1))
+    x = inputs
+    for filters in (16, 32, 64, 64, 64):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", kernel_initializer=init)(x)
+    x = keras.layers.Dropout(0.3, seed=seed)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, keras.layers.Dense(1, kernel_initializer=init)(x), name="c2st")
+
+
+def classifier_two_sample_test(a, b, epochs=20, batch_size=32, seed=0):
+    """How well a small CNN tells images `a` from images `b`: held-out accuracy with a 95% interval.
+
+    Equal counts (the larger set is cut to the smaller). Two-fold: each set
+    is split in halves; a CNN trained on the first halves of both is scored
+    on the second halves and one trained on the second halves on the first,
+    so every image is scored once by a network that never saw it. 0.5 means
+    indistinguishable; 1.0, told apart every time.
+
+    Returns:
+        dict: accuracy, low, high (Wilson 95% interval), n (images scored).
+    """
+    n = min(len(a), len(b))
+    if n < 4:
+        raise ValueError(f"the classifier two-sample test needs at least 4 images per set. Received: {len(a)}, "
+                         f"{len(b)}")
+    rng = np.random.default_rng(seed)
+    a = to_eval_size(np.asarray(a, np.float32)[rng.permutation(len(a))[:n]]).numpy()
+    b = to_eval_size(np.asarray(b, np.float32)[rng.permutation(len(b))[:n]]).numpy()
+    half = n // 2
+    correct = 0
+    for fold, (train, test) in enumerate(((slice(0, half), slice(half, n)), (slice(half, n), slice(0, half)))):
+        keras.utils.set_random_seed(seed + fold)
+        x = np.concatenate([a[train], b[train]])
+        y = np.concatenate([np.zeros(len(a[train])), np.ones(len(b[train]))]).astype(np.float32)
+        model = _c2st_network(seed + fold)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
+        scores = model.predict(np.concatenate([a[test], b[test]]), batch_size=64, verbose=0)[:, 0]
+        truth = np.concatenate([np.zeros(len(a[test])), np.ones(len(b[test]))])
+        correct += int(((scores > 0) == truth).sum())
+    low, high = wilson_interval(correct, 2 * n)
+    return {"accuracy": correct / (2 * n), "low": low, "high": high, "n": 2 * n}
+
+
+def sample_quality(samples, reference, train_reference, network, reconstructed_reference=None, seed=0,
+                   c2st_epochs=20, log=print):
+    """Every sample-quality metric of generated slices against real ones, with equal counts.
+
+    Args:
+        samples: generated slices (N, H, W, 1) in [0, 1].
+        reference: real held-out slices, at the same size and fit.
+        train_reference: real training slices: the floor is `reference`
+            against these (what two real sets score).
+        network: the evaluation network (`load_evaluation_network`).
+        reconstructed_reference: the VQ-VAE's reconstructions of
+            `reference`, for the C2ST of the prior alone (optional).
+        seed: seed of the subsets, pairs and classifiers.
+        c2st_epochs: training epochs of each two-sample classifier.
+        log: callable for warnings.
+
+    Returns:
+        A dict: fd, fd_floor, kid, precision, recall, density, coverage,
+        msssim_diversity, msssim_diversity_real, texture_fd,
+        texture_fd_floor, c2st_accuracy (and _low, _high),
+        c2st_recon_accuracy (and _low, _high; None without reconstructions),
+        n_samples, n_reference, msssim_pairs.
+    """
+    n = min(len(samples), len(reference), len(train_reference))
+    if n <= NEAREST_K:
+        raise ValueError(f"sample quality needs more than {NEAREST_K} samples and reference slices. Received: "
+                         f"{len(samples)} samples, {len(reference)} reference, {len(train_reference)} training")
+    if n < FEW_SAMPLES:
+        log(f"warning: {n} slices per set: the distribution metrics (FD, KID, precision/recall, the C2ST) are noisy "
+            f"below {FEW_SAMPLES}; generate more for numbers to compare")
+    rng = np.random.default_rng(seed)
+    samples, reference, train_reference = (np.asarray(x, np.float32)[np.sort(rng.permutation(len(x))[:n])]
+                                           for x in (samples, reference, train_reference))
+    fake, real, floor = (features(network, x) for x in (samples, reference, train_reference))
+    texture = TextureFeatures().fit(reference)
+    real_texture = texture(reference)
+    diversity, pairs = msssim_diversity(samples, seed=seed)
+    diversity_real, _ = msssim_diversity(reference, seed=seed)
+    out = {"fd": frechet_distance(real, fake), "fd_floor": frechet_distance(real, floor),
+           "kid": kernel_inception_distance(real, fake, seed=seed),
+           "kid_floor": kernel_inception_distance(real, floor, seed=seed),
+           **precision_recall_density_coverage(real, fake),
+           "msssim_diversity": diversity, "msssim_diversity_real": diversity_real, "msssim_pairs": pairs,
+           "texture_fd": frechet_distance(real_texture, texture(samples)),
+           "texture_fd_floor": frechet_distance(real_texture, texture(train_reference))}
+    c2st = classifier_two_sample_test(samples, reference, epochs=c2st_epochs, seed=seed)
+    out.update({"c2st_accuracy": c2st["accuracy"], "c2st_accuracy_low": c2st["low"],
+                "c2st_accuracy_high": c2st["high"]})
+    out.update({"c2st_recon_accuracy": None, "c2st_recon_accuracy_low": None, "c2st_recon_accuracy_high": None})
+    if reconstructed_reference is not None:
+        recon = np.asarray(reconstructed_reference, np.float32)
+        c2st = classifier_two_sample_test(samples, recon, epochs=c2st_epochs, seed=seed)
+        out.update({"c2st_recon_accuracy": c2st["accuracy"], "c2st_recon_accuracy_low": c2st["low"],
+                    "c2st_recon_accuracy_high": c2st["high"]})
+    out.update({"n_samples": n, "n_reference": n})
+    return out

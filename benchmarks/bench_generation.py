@@ -1,0 +1,260 @@
+"""Generated slices, measured: every sample-quality metric of `metrics.py` on baselines the metrics must rank.
+
+On one data set (the real slices in ../shared/data/alzheimer-mri-slices when
+present, else --data, else the built-in phantoms), in this process:
+
+  1. a VQ-VAE is trained for a fixed budget (or taken from --run);
+  2. the evaluation network is trained on the training split (cached by the
+     digest of its files, as `predict.py` does);
+  3. two priors of the VQ-VAE's training codes are trained for the same
+     budget, with the same batches and the same codebook start: the gated
+     PixelCNN as train.py builds it (unconditional here, so both priors model
+     the same thing) and the plain PixelCNN of the keras.io example
+     (`bench_prior.plain_pixelcnn`, matched in parameters);
+  4. every row below is scored against N real held-out (test) slices with
+     `metrics.sample_quality`, with equal counts N:
+
+       real train        N real training slices: the floor two real sets score
+       reconstructed     the VQ-VAE's reconstructions of those same N training
+                         slices: the decoder's ceiling (a perfect prior scores
+                         this; unpaired with the reference, like the floor)
+       gated             N samples of our gated prior, decoded
+       plain             N samples of the plain PixelCNN, decoded
+       per-position      N grids whose codes are drawn independently from
+                         each position's code frequencies in training: the
+                         trivial prior every metric must rank last of the
+                         priors
+       patch-shuffled    the training slices of row 1 with their 32x32
+                         patches (at 256 px; scaled with the image) shuffled:
+                         local texture intact, global layout broken
+
+    python benchmarks/bench_generation.py [--data PATH] [--samples 500] [--minutes M | --steps S] [--json]
+
+Ends with one JSON object (with --json) holding each row's metrics.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_prior  # noqa: E402  (the plain PixelCNN and its codebook start, the prior training loop)
+import dataset  # noqa: E402
+import metrics  # noqa: E402
+import modules  # noqa: E402
+import runs  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "alzheimer-mri-slices"
+ROWS = ("real train", "reconstructed", "gated", "plain", "per-position", "patch-shuffled")
+
+
+def load_images(split, n, image_size, fit, seed):
+    """`n` images of `split` (a seeded subset, in file order), (n, size, size, 1) float32."""
+    picks = runs.limit_split(split, n, seed)
+    return np.concatenate([b.numpy() for b in dataset.make_dataset(picks, image_size=image_size, batch_size=64,
+                                                                   fit=fit)])
+
+
+def shuffle_patches(images, patch, seed=0):
+    """Each image with its `patch` x `patch` tiles in a random order (one permutation per image)."""
+    rng = np.random.default_rng(seed)
+    n, size = len(images), images.shape[1]
+    per_side = size // patch
+    tiles = images[:, :per_side * patch, :per_side * patch].reshape(n, per_side, patch, per_side, patch, 1)
+    tiles = tiles.transpose(0, 1, 3, 2, 4, 5).reshape(n, per_side * per_side, patch, patch, 1)
+    tiles = np.stack([t[rng.permutation(len(t))] for t in tiles])
+    out = images.copy()
+    out[:, :per_side * patch, :per_side * patch] = tiles.reshape(n, per_side, per_side, patch, patch, 1).transpose(
+        0, 1, 3, 2, 4, 5).reshape(n, per_side * patch, per_side * patch, 1)
+    return out
+
+
+def train_vqvae(source, image_size, downsample, minutes, steps, seed=0, log=print):
+    keras.utils.set_random_seed(seed)
+    model = modules.VQVAE(downsample=downsample, seed=seed)
+    model.build((None, image_size, image_size, 1))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    batches = iter(dataset.make_dataset(source.splits["train"], image_size=image_size, batch_size=16, shuffle=True,
+                                        seed=seed, repeat=True, drop_remainder=True))
+    trained, done = 0.0, 0
+    while (done < steps) if steps else (trained < minutes * 60):
+        images = next(batches)
+        start = time.perf_counter()
+        model.train_on_batch(images)
+        trained += time.perf_counter() - start
+        done += 1
+    log(f"  VQ-VAE ({image_size} px, {image_size // downsample}x{image_size // downsample} codes): {done} steps in "
+        f"{trained / 60:.1f} min")
+    return model, {"steps": done, "minutes": round(trained / 60, 2)}
+
+
+def per_position_sampler(codes, seed=0):
+    """Samples grids whose codes are independent, each from its position's code frequencies in `codes`."""
+    n, h, w = codes.shape
+    flat = codes.reshape(n, h * w)
+    rng = np.random.default_rng(seed)
+
+    def sample(count):
+        picks = rng.integers(0, n, (count, h * w))  # a random training grid's code, position by position
+        return flat[picks, np.arange(h * w)[None, :]].reshape(count, h, w)
+
+    return sample
+
+
+def decode(vqvae, codes, batch=64):
+    return np.concatenate([vqvae.decode(tf.constant(codes[i:i + batch], tf.int32)).numpy()
+                           for i in range(0, len(codes), batch)]).clip(0.0, 1.0)
+
+
+def sample_prior(sampler, count, grid, batch, seed):
+    out = []
+    bar = keras.utils.Progbar(count, unit_name="sample")
+    for start in range(0, count, batch):
+        uniform = tf.random.stateless_uniform((batch, *grid), seed=[seed, start])
+        out.append(sampler(uniform).numpy())
+        bar.update(min(start + batch, count))
+    return np.concatenate(out)[:count]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=None,
+                        help="folder of real slices (default: ../shared/data/alzheimer-mri-slices if present, "
+                             "else the built-in phantoms)")
+    parser.add_argument("--run", default=None,
+                        help="take the VQ-VAE (and its data, size and split) from this run folder instead of "
+                             "training one")
+    parser.add_argument("--image-size", type=int, default=128, help="image side the VQ-VAE is trained at")
+    parser.add_argument("--downsample", type=int, default=4, help="VQ-VAE downsampling: 4 gives a 32x32 grid at "
+                                                                   "128 px")
+    parser.add_argument("--vqvae-steps", type=int, default=1500, help="VQ-VAE training steps (batch 16)")
+    parser.add_argument("--minutes", type=float, default=None, help="training wall-time budget per prior")
+    parser.add_argument("--steps", type=int, default=1500,
+                        help="training steps per prior (batch 32), when --minutes is not given")
+    parser.add_argument("--size", choices=["default", "demo"], default="default",
+                        help="gated prior size (train.py's real-data or phantom-demo size)")
+    parser.add_argument("--samples", type=int, default=500,
+                        help="slices per row (and reference slices); at most the test split")
+    parser.add_argument("--eval-steps", type=int, default=metrics.EVAL_STEPS,
+                        help="training steps of the evaluation network")
+    parser.add_argument("--figure", default=None,
+                        help="write 16 gated samples beside 8 real test slices here (e.g. samples/generated_real.png)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training, sampling and subsets")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
+    args = parser.parse_args(argv)
+    start_all = time.perf_counter()
+    keras.utils.set_random_seed(args.seed)
+    log = print
+
+    if args.run:
+        run = runs.Run(args.run)
+        vqvae, config = run.load_vqvae(), run.config("vqvae")
+        source, size, fit = run.source(), config["image_size"], config["fit"]
+        vq_info = {"run": args.run}
+    else:
+        data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+        source = dataset.load_source(data, seed=args.seed)
+        size, fit = args.image_size, "pad"
+        vqvae, vq_info = train_vqvae(source, size, args.downsample, None, args.vqvae_steps, args.seed, log)
+    name = "phantoms" if source.kind == "phantoms" else str(source.root)
+    n = min(args.samples, len(source.splits["test"]), len(source.splits["train"]))
+    log(f"data: {name} ({source.counts()}); {size} px; {n} slices per row")
+
+    network = metrics.load_evaluation_network(source.splits["train"], size, fit, dataset.default_cache_dir(),
+                                              steps=args.eval_steps, seed=args.seed, log=log)
+    reference = load_images(source.splits["test"], n, size, fit, args.seed)
+    real_train = load_images(source.splits["train"], n, size, fit, args.seed + 1)
+    reconstruct = tf.function(vqvae.reconstruct)
+    recon = lambda x: np.concatenate([reconstruct(x[i:i + 64]).numpy() for i in range(0, len(x), 64)])  # noqa: E731
+    reconstructed_reference = recon(reference).clip(0.0, 1.0)
+
+    codes = runs.encode_split(vqvae, source.splits["train"], size, fit)
+    grid, k = codes.shape[1:], vqvae.num_codes
+    codebook = vqvae.quantizer.codebook.numpy()
+    sizes = bench_prior.SIZES[args.size]
+    keras.utils.set_random_seed(args.seed)
+    gated = modules.GatedPixelCNN(num_codes=k, grid_size=grid, **sizes)
+    gated(tf.zeros((1, *grid), tf.int32))
+    gated.init_from_codebook(codebook)
+    plain_kw = {"filters": 2 * sizes["filters"], "embed": sizes["filters"]}
+    blocks = min(range(1, 40), key=lambda b: abs(bench_prior.plain_pixelcnn(k, grid, blocks=b, **plain_kw)
+                                                 .count_params() - gated.count_params()))
+    keras.utils.set_random_seed(args.seed)
+    plain = bench_prior.plain_pixelcnn(k, grid, blocks=blocks, **plain_kw)
+    bench_prior.init_plain_from_codebook(plain, codebook)
+    budget = f"{args.minutes} min" if args.minutes else f"{args.steps} steps"
+    log(f"priors: {len(codes)} training grids of {grid[0]}x{grid[1]}, K={k}; {budget} each")
+    prior_info = {}
+    for label, model in (("gated", gated), ("plain", plain)):
+        keras.utils.set_random_seed(args.seed)
+        steps, seconds = bench_prior.train_for(model, codes, args.minutes, None if args.minutes else args.steps,
+                                               seed=args.seed, name=label)
+        prior_info[label] = {"params": model.count_params(), "steps": steps, "train_seconds": round(seconds, 1)}
+
+    batch = min(n, 100)
+    t0 = time.perf_counter()
+    gated_codes = sample_prior(modules.make_fast_sampler(gated, batch, *grid), n, grid, batch, args.seed)
+    prior_info["gated"]["sample_seconds"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    plain_sampler = modules.make_naive_sampler(lambda inputs: plain(inputs["codes"]), batch, *grid)
+    plain_codes = sample_prior(plain_sampler, n, grid, batch, args.seed)
+    prior_info["plain"]["sample_seconds"] = round(time.perf_counter() - t0, 1)
+
+    images = {"real train": real_train, "reconstructed": recon(real_train).clip(0.0, 1.0),
+              "gated": decode(vqvae, gated_codes), "plain": decode(vqvae, plain_codes),
+              "per-position": decode(vqvae, per_position_sampler(codes, args.seed)(n)),
+              "patch-shuffled": shuffle_patches(real_train, max(4, size // 8), args.seed)}
+    rows = {}
+    for row in ROWS:
+        t0 = time.perf_counter()
+        log(f"scoring {row} ...")
+        rows[row] = metrics.sample_quality(images[row], reference, real_train, network,
+                                           reconstructed_reference=reconstructed_reference, seed=args.seed,
+                                           log=log)
+        rows[row]["seconds"] = round(time.perf_counter() - t0, 1)
+        log("  " + ", ".join(f"{key} {value:.4g}" for key, value in rows[row].items()
+                             if isinstance(value, float)))
+
+    if args.figure:
+        real8 = reference[np.linspace(0, n - 1, 8).round().astype(int)]
+        g = rows["gated"]
+        dataset.save_grid(np.concatenate([images["gated"][:16], real8]), args.figure, columns=8,
+                          titles=[f"sample {i}" for i in range(16)] + ["real test"] * 8,
+                          suptitle=f"Rows 1-2: gated PixelCNN samples; row 3: real test slices. {name.split('/')[-1]}, "
+                                   f"{size} px, {grid[0]}x{grid[1]} codes, VQ-VAE {vq_info.get('steps', '?')} steps, "
+                                   f"prior {prior_info['gated']['steps']} steps.\nFD {g['fd']:.2f} (real/real "
+                                   f"{g['fd_floor']:.2f}), precision {g['precision']:.2f}, recall {g['recall']:.2f}, "
+                                   f"MS-SSIM {g['msssim_diversity']:.3f} (real {g['msssim_diversity_real']:.3f}), "
+                                   f"C2ST vs reconstructions {g['c2st_recon_accuracy']:.2f}, over {n} slices")
+
+    columns = ("fd", "kid", "precision", "recall", "density", "coverage", "msssim_diversity", "texture_fd",
+               "c2st_accuracy", "c2st_recon_accuracy")
+    print(f"{'row':15s} " + " ".join(f"{c[:12]:>12s}" for c in columns))
+    for row, r in rows.items():
+        print(f"{row:15s} " + " ".join(f"{r[c]:12.4f}" for c in columns))
+    print(f"real MS-SSIM diversity {rows['gated']['msssim_diversity_real']:.4f}; texture FD floor "
+          f"{rows['gated']['texture_fd_floor']:.3f}; FD floor {rows['gated']['fd_floor']:.3f}")
+    summary = {"data": name, "image_size": size, "grid": list(grid), "n": n, "vqvae": vq_info, "priors": prior_info,
+               "budget": budget, "size": args.size, "rows": rows, "cpu_count": os.cpu_count(),
+               "fd_ratio_gated_plain": rows["gated"]["fd"] / rows["plain"]["fd"],
+               "fd_ratio_gated_floor": rows["gated"]["fd"] / rows["real train"]["fd"],
+               "seconds": round(time.perf_counter() - start_all, 1)}
+    print(f"gated / plain FD {summary['fd_ratio_gated_plain']:.3f}; gated / floor FD "
+          f"{summary['fd_ratio_gated_floor']:.2f}; {summary['seconds'] / 60:.1f} min in all")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The sample-quality metrics of `metrics.py`, validated before any model is judged with them.
+
+Each metric is checked against an independent implementation or a closed
+form, and then on real-looking slices: two disjoint sets of one population
+give the floor; the score must worsen monotonically as one set is blurred
+(sigma 0.5, 1, 2, 4 pixels) or noised, and it must flag slices whose local
+texture is intact but whose layout is broken (quadrants or 16x16 patches,
+32x32 at 256 px, shuffled). On the phantoms always; on the real slices when
+../shared is there.
+"""
+
+import numpy as np
+import prdc
+import pytest
+import tensorflow as tf
+from PIL import Image
+from scipy import ndimage
+
+import dataset
+import metrics
+from conftest import REAL_DATA
+
+SIZE = 128
+
+
+def blur(images, sigma):
+    return np.stack([ndimage.gaussian_filter(x[..., 0], sigma)[..., None] for x in images]).astype(np.float32)
+
+
+def noise(images, std, seed=0):
+    return np.clip(images + np.random.default_rng(seed).normal(0, std, images.shape), 0, 1).astype(np.float32)
+
+
+def shuffle_tiles(images, tile, seed=0):
+    import bench_generation
+
+    return bench_generation.shuffle_patches(images, tile, seed)
+
+
+# --- the estimators, against references ---------------------------------------------------------------------
+
+
+def test_precision_recall_density_coverage_match_the_prdc_package():
+    rng = np.random.default_rng(0)
+    real = rng.normal(0, 1, (200, 16))
+    for fake in (rng.normal(0, 1, (150, 16)), rng.normal(0.5, 1.3, (150, 16)), rng.normal(0, 0.3, (150, 16))):
+        ours = metrics.precision_recall_density_coverage(real, fake, k=5)
+        theirs = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=5)
+        for key in ("precision", "recall", "density", "coverage"):
+            assert ours[key] == pytest.approx(float(theirs[key]), abs=1e-9), key
+
+
+def test_frechet_distance_matches_the_closed_form_and_is_zero_on_itself():
+    rng = np.random.default_rng(1)
+    # Independent coordinates: FD = |mu_x - mu_y|^2 + sum (sigma_x - sigma_y)^2, up to sampling.
+    x = rng.normal(0, 1, (20000, 4)) * [1, 2, 3, 4]
+    y = rng.normal(1, 1, (20000, 4)) * [2, 2, 1, 4] + [1, 0, 0, 0]
+    expected = (1 + 1) ** 2 + 1 + 1 + 1 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2 + 0
+    assert metrics.frechet_distance(x, y) == pytest.approx(expected, rel=0.03)
+    assert abs(metrics.frechet_distance(x, x)) < 1e-6
+    # A full covariance against scipy's matrix square root.
+    from scipy import linalg
+
+    a, b = rng.normal(0, 1, (300, 6)) @ rng.normal(0, 1, (6, 6)), rng.normal(0, 1, (300, 6)) @ rng.normal(0, 1, (6, 6))
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(sa + sb)
+                 - 2 * np.trace(linalg.sqrtm(sa @ sb).real))
+    assert metrics.frechet_distance(a, b) == pytest.approx(reference, rel=1e-6)
+
+
+def test_kid_is_the_unbiased_mmd_and_centred_on_zero_for_one_distribution():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(0, 1, (30, 8)), rng.normal(0, 1, (30, 8))
+    k = lambda a, b: (a @ b.T / 8 + 1) ** 3  # noqa: E731
+    pairs = lambda a, b: [k(a[i:i + 1], b[j:j + 1])[0, 0] for i in range(len(a)) for j in range(len(b)) if i != j]  # noqa: E731
+    brute = np.mean(pairs(x, x)) + np.mean(pairs(y, y)) - 2 * k(x, y).mean()
+    assert metrics.kernel_inception_distance(x, y) == pytest.approx(brute, rel=1e-9)
+    # Unbiased: averaged over many draws from one distribution it is ~0 (a biased estimate is clearly > 0).
+    draws = [metrics.kernel_inception_distance(rng.normal(0, 1, (20, 8)), rng.normal(0, 1, (20, 8)), seed=i)
+             for i in range(200)]
+    assert abs(np.mean(draws)) < 3 * np.std(draws) / np.sqrt(len(draws))
+    assert metrics.kernel_inception_distance(rng.normal(0, 1, (50, 8)), rng.normal(1, 1, (50, 8))) > 0.5
+
+
+@pytest.mark.parametrize("shape,scales", [((3, 128, 128, 1), 4), ((2, 176, 208, 1), 5), ((2, 99, 131, 2), 4)])
+def test_ms_ssim_equals_tf_image_ssim_multiscale(shape, scales):
+    rng = np.random.default_rng(3)
+    a = tf.nn.avg_pool2d(rng.random(shape).astype(np.float32), 3, 1, "SAME").numpy()
+    b = np.clip(a + rng.normal(0, 0.1, shape), 0, 1).astype(np.float32)
+    assert metrics.msssim_scales(min(shape[1:3])) == scales
+    weights = metrics.MSSSIM_WEIGHTS[:scales]
+    np.testing.assert_allclose(metrics.ms_ssim(a, b, weights).numpy(),
+                               tf.image.ssim_multiscale(a, b, 1.0, power_factors=weights).numpy(), atol=2e-5)
+
+
+def test_msssim_diversity_is_near_one_for_a_collapsed_set_and_uses_distinct_pairs():
+    images = np.stack([dataset.phantom_slice(s, 14, size=SIZE) for s in range(12)])[..., None] / 255.0
+    varied, pairs = metrics.msssim_diversity(images)
+    assert pairs == 66  # every pair of 12 images, each once
+    collapsed, _ = metrics.msssim_diversity(noise(np.repeat(images[:1], 12, axis=0), 0.005))
+    assert collapsed > 0.95 > varied
+    _, pairs = metrics.msssim_diversity(np.repeat(images, 4, axis=0), pairs=500)
+    assert pairs == 500
+
+
+def test_wilson_interval_contains_the_proportion_and_narrows_with_trials():
+    low, high = metrics.wilson_interval(50, 100)
+    assert low < 0.5 < high and high - low == pytest.approx(0.192, abs=0.005)
+    low2, high2 = metrics.wilson_interval(500, 1000)
+    assert high2 - low2 < (high - low) / 3
+
+
+def test_the_evaluation_network_is_cached_by_the_digest_of_the_training_files(tmp_path, monkeypatch):
+    for i in range(8):
+        Image.fromarray(dataset.phantom_slice(i, 12, size=64)).save(tmp_path / f"slice_{i}.png")
+    split = dataset.make_split(dataset.list_images(tmp_path))
+    trained = []
+    real_train = metrics.train_evaluation_network
+    monkeypatch.setattr(metrics, "train_evaluation_network",
+                        lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    first = metrics.load_evaluation_network(split, 64, "pad", tmp_path / "cache", steps=2, log=lambda *_: None)
+    again = metrics.load_evaluation_network(split, 64, "pad", tmp_path / "cache", steps=2, log=lambda *_: None)
+    assert len(trained) == 1
+    for a, b in zip(first.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    Image.fromarray(dataset.phantom_slice(99, 12, size=64)).save(tmp_path / "slice_0.png")  # a changed file
+    metrics.load_evaluation_network(split, 64, "pad", tmp_path / "cache", steps=2, log=lambda *_: None)
+    assert len(trained) == 2
+    # A damaged cache file is retrained, not trusted.
+    for cached in (tmp_path / "cache" / "evaluation_network").glob("*.weights.h5"):
+        cached.write_bytes(b"not a weights file")
+    metrics.load_evaluation_network(split, 64, "pad", tmp_path / "cache", steps=2, log=lambda *_: None)
+    assert len(trained) == 3
+
+
+# --- the metrics on slices: floor, degradations, broken layout ----------------------------------------------
+
+
+def phantom_sets():
+    """Evaluation-network training slices, and two disjoint sets of one population (96 each), at 128 px."""
+    def slices(subjects, positions):
+        return np.stack([dataset.phantom_slice(s, z, size=SIZE) for s in subjects for z in positions]
+                        )[..., None].astype(np.float32) / 255.0
+
+    train = slices(range(100, 140), range(4, 28, 3))
+    pool = slices(range(24), range(4, 28, 3))
+    order = np.random.default_rng(0).permutation(len(pool))
+    return train, pool[order[:96]], pool[order[96:192]]
+
+
+def real_sets():
+    source = dataset.load_source(str(REAL_DATA), seed=0)
+
+    def load(split, n, seed):
+        picks = split.take(np.sort(np.random.default_rng(seed).permutation(len(split))[:n]))
+        return np.concatenate([b.numpy() for b in dataset.make_dataset(picks, image_size=SIZE, batch_size=64)])
+
+    return load(source.splits["train"], 1024, 0), load(source.splits["train"], 128, 1), load(source.splits["test"],
+                                                                                             128, 2)
+
+
+@pytest.fixture(scope="module", params=["phantoms", "real"])
+def scored(request):
+    if request.param == "real" and not REAL_DATA.is_dir():
+        pytest.skip(f"real data not present at {REAL_DATA}")
+    train, candidates, reference = phantom_sets() if request.param == "phantoms" else real_sets()
+    tf.keras.utils.set_random_seed(0)
+    stream = tf.data.Dataset.from_tensor_slices(train).shuffle(len(train), seed=0).repeat().batch(32)
+    network, accuracy = metrics.train_evaluation_network(stream, steps=150 if request.param == "phantoms" else 300)
+    assert accuracy > 0.5  # it learnt the rotations (chance is 0.25)
+    real = metrics.features(network, reference)
+    texture = metrics.TextureFeatures().fit(reference)
+    real_texture = texture(reference)
+
+    def score(images):
+        fake = metrics.features(network, images)
+        return {"fd": metrics.frechet_distance(real, fake), "kid": metrics.kernel_inception_distance(real, fake),
+                **metrics.precision_recall_density_coverage(real, fake),
+                "texture_fd": metrics.frechet_distance(real_texture, texture(images))}
+
+    sets = {"floor": candidates, **{f"blur {s}": blur(candidates, s) for s in (0.5, 1, 2, 4)},
+            **{f"noise {s}": noise(candidates, s) for s in (0.02, 0.05, 0.1)},
+            "quadrants": shuffle_tiles(candidates, SIZE // 2), "patches": shuffle_tiles(candidates, SIZE // 8)}
+    return {name: score(images) for name, images in sets.items()}, candidates, reference
+
+
+@pytest.mark.parametrize("metric", ["fd", "kid", "texture_fd"])
+def test_distances_grow_monotonically_with_blur_and_noise_from_the_floor(scored, metric):
+    scores, _, _ = scored
+    blurs = [scores[name][metric] for name in ("floor", "blur 0.5", "blur 1", "blur 2", "blur 4")]
+    noises = [scores[name][metric] for name in ("floor", "noise 0.02", "noise 0.05", "noise 0.1")]
+    assert all(a < b for a, b in zip(blurs, blurs[1:])), blurs
+    assert all(a < b for a, b in zip(noises, noises[1:])), noises
+
+
+@pytest.mark.parametrize("metric", ["precision", "density", "coverage"])
+def test_fidelity_scores_fall_with_heavy_degradation(scored, metric):
+    scores, _, _ = scored
+    assert scores["blur 4"][metric] < 0.5 * scores["floor"][metric]
+    assert scores["noise 0.1"][metric] < 0.5 * scores["floor"][metric]
+
+
+@pytest.mark.parametrize("metric", ["fd", "kid"])
+@pytest.mark.parametrize("broken", ["quadrants", "patches"])
+def test_learned_features_flag_a_broken_layout_with_intact_texture(scored, metric, broken):
+    scores, _, _ = scored
+    assert scores[broken][metric] > 5 * max(scores["floor"][metric], 1e-3 * scores[broken][metric]) > 0
+    assert scores[broken]["precision"] < 0.5 * scores["floor"]["precision"]
+
+
+def test_the_classifier_two_sample_test_sees_no_difference_between_real_sets_and_sees_blur_and_broken_layout(scored):
+    _, candidates, reference = scored
+    floor = metrics.classifier_two_sample_test(candidates, reference, epochs=15)
+    assert floor["n"] == 2 * min(len(candidates), len(reference)) and floor["low"] < floor["accuracy"] < floor["high"]
+    assert floor["accuracy"] < 0.7
+    for images in (blur(candidates, 2), shuffle_tiles(candidates, SIZE // 2)):
+        assert metrics.classifier_two_sample_test(images, reference, epochs=15)["accuracy"] > 0.85
