@@ -399,7 +399,7 @@ def train_evaluation_network(images, steps=EVAL_STEPS, batch_size=32, seed=0, lo
     return model, float(np.mean(accuracy[-50:]))
 
 
-def load_evaluation_network(split, image_size, fit, cache_dir, steps=EVAL_STEPS, seed=0, log=print):
+def load_evaluation_network(split, image_size, fit, cache_dir, steps=None, seed=0, log=print):
     """The evaluation network of a training split: loaded from `cache_dir`, else trained once and saved there.
 
     The cache key is a digest of the training files (names and bytes), the
@@ -410,12 +410,13 @@ def load_evaluation_network(split, image_size, fit, cache_dir, steps=EVAL_STEPS,
         split: the training `dataset.Split`.
         image_size, fit: how the slices are loaded (as the VQ-VAE saw them).
         cache_dir: folder of cached networks.
-        steps, seed: training steps and seed.
+        steps, seed: training steps (default `EVAL_STEPS`) and seed.
         log: callable for progress lines.
 
     Returns:
         A `keras.Model` (see `evaluation_network`).
     """
+    steps = steps or EVAL_STEPS
     key = files_digest(split.paths, f"v{EVAL_VERSION} size={image_size} fit={fit} steps={steps} seed={seed}")[:16]
     path = Path(cache_dir) / "evaluation_network" / f"{key}.weights.h5"
     model = evaluation_network(seed=seed)
@@ -642,6 +643,25 @@ class TextureFeatures:
             raise RuntimeError("TextureFeatures must be fitted on reference slices first: call .fit(real_images)")
         images = np.asarray(images, np.float32)
         return (self._raw(images, self._masks(images)) - self.mean) / self.std
+
+
+def shuffle_patches(images, patch, seed=0):
+    """Each image with its `patch` x `patch` tiles in a random order: local texture kept, layout broken.
+
+    The control every sample-quality metric that claims to see global
+    layout must flag (an autoregressive prior fails this way). One
+    permutation per image; pixels past the last whole tile stay in place.
+    """
+    rng = np.random.default_rng(seed)
+    n, size = len(images), images.shape[1]
+    per_side = size // patch
+    tiles = images[:, :per_side * patch, :per_side * patch].reshape(n, per_side, patch, per_side, patch, 1)
+    tiles = tiles.transpose(0, 1, 3, 2, 4, 5).reshape(n, per_side * per_side, patch, patch, 1)
+    tiles = np.stack([t[rng.permutation(len(t))] for t in tiles])
+    out = images.copy()
+    out[:, :per_side * patch, :per_side * patch] = tiles.reshape(n, per_side, per_side, patch, patch, 1).transpose(
+        0, 1, 3, 2, 4, 5).reshape(n, per_side * patch, per_side * patch, 1)
+    return out
 
 
 def wilson_interval(successes, trials, z=1.96):

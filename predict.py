@@ -20,7 +20,15 @@ sampler, the VQ-VAE decodes them into PNGs and a grid, and a memorisation
 check reports each sample's SSIM to its nearest training slice, next to the
 same statistic for the VQ-VAE's reconstructions of held-out test slices
 (the reference a prior that does not copy should match) and of training
-slices (the ceiling a prior that copies would reach).
+slices (the ceiling a prior that copies would reach). Then the samples are
+scored against as many real held-out slices (the run's test split, or
+`--reference-data PATH`) with every metric of `metrics.sample_quality`:
+Frechet distance and KID in the features of an evaluation network trained
+(once per data set, cached) by rotation prediction on the training split,
+precision, recall, density and coverage (k=5), MS-SSIM diversity beside the
+real slices', a texture Frechet distance inside the brain, and two
+classifier two-sample tests (against real slices, and against the VQ-VAE's
+reconstructions of them: the prior alone). `--no-quality` skips them.
 """
 
 import argparse
@@ -230,6 +238,45 @@ def memorisation_check(samples, vqvae, source, config, seed=0, log=print):
     return summary, ours, files[:n]
 
 
+def generation_quality(samples, vqvae, run, source, config, args, log=print):
+    """The sample-quality metrics of `metrics.sample_quality` for a run's generated slices.
+
+    The reference is as many real slices as there are samples: the run's
+    test split, or every image under `--reference-data` (fitted as the run
+    fits its images); the floor compares as many training slices with it.
+    The evaluation network is trained once on the run's training split and
+    cached by the digest of its files.
+    """
+    size, fit = config["image_size"], config["fit"]
+    train = run.splits(source, ("train",))["train"]
+    if args.reference_data:
+        folder = Path(args.reference_data)
+        if not folder.is_dir():
+            raise PredictError(f"--reference-data: folder not found: {folder}. Pass a folder of real slices.")
+        reference_split = dataset.make_split(dataset.list_images(folder))
+        if not len(reference_split):
+            raise dataset.DataError(f"no images found: --reference-data {folder} holds no .png/.jpg/.jpeg files.")
+        reference_split, _ = dataset.check_split("reference", reference_split,
+                                                 on_bad="skip" if args.skip_bad else "error")
+    else:
+        reference_split = source.splits["test"]
+    n = min(len(samples), len(reference_split), len(train))
+    if n <= metrics.NEAREST_K:
+        log(f"warning: sample quality needs more than {metrics.NEAREST_K} generated and real slices; there are "
+            f"{len(samples)} generated, {len(reference_split)} reference and {len(train)} training slices, so it is "
+            "skipped (generate 100 or more for numbers to compare)")
+        return None
+    network = metrics.load_evaluation_network(train, size, fit, dataset.default_cache_dir(), log=log)
+    reference = runs.load_images(reference_split, n, size, fit, args.seed)
+    train_reference = runs.load_images(train, n, size, fit, args.seed + 1)
+    reconstructed = np.concatenate([vqvae.reconstruct(reference[i:i + 32]).numpy()
+                                    for i in range(0, len(reference), 32)])
+    log(f"sample quality: {n} generated slices against {n} real "
+        f"{'reference' if args.reference_data else 'test'} slices (floor: as many training slices)")
+    return metrics.sample_quality(samples, reference, train_reference, network, reconstructed, seed=args.seed,
+                                  log=log)
+
+
 def run_generation(args, log=print):
     """Samples new slices with the prior, decodes them, and checks them against the training set."""
     start = time.perf_counter()
@@ -276,8 +323,9 @@ def run_generation(args, log=print):
                "sampling_seconds": round(sample_seconds, 2),
                "samples_per_s": round(len(images) / max(sample_seconds, 1e-9), 2)}
     titles = None
-    if not args.no_memorisation_check:
+    if not (args.no_memorisation_check and args.no_quality):
         source = run.source(on_bad="skip" if args.skip_bad else None)
+    if not args.no_memorisation_check:
         check, nearest, files = memorisation_check(images, vqvae, source, vq_config, seed=args.seed, log=log)
         tmp = out / f".nearest_train.csv.tmp-{os.getpid()}"
         with open(tmp, "w", newline="") as f:
@@ -288,6 +336,8 @@ def run_generation(args, log=print):
         os.replace(tmp, out / "nearest_train.csv")
         summary.update({**check, "nearest_csv": str(out / "nearest_train.csv")})
         titles = [f"nearest train SSIM {s:.2f}" for s in nearest]
+    if not args.no_quality:
+        summary["quality"] = generation_quality(images, vqvae, run, source, vq_config, args, log)
     title = f"{len(images)} generated slices ({height}x{width} codes, T={args.temperature})"
     if args.slice is not None:
         title += f", slice {args.slice}"
@@ -343,6 +393,12 @@ def parse_args(argv=None):
     gen.add_argument("--no-xla", action="store_true", help="do not XLA-compile the sampler (slower, no compile wait)")
     gen.add_argument("--no-memorisation-check", action="store_true",
                      help="skip the SSIM-to-nearest-training-slice check")
+    gen.add_argument("--reference-data", default=None, metavar="PATH",
+                     help="score the samples against the real slices of this folder (all of it, fitted as the run "
+                          "fits its images) instead of the run's test split")
+    gen.add_argument("--no-quality", action="store_true",
+                     help="skip the sample-quality metrics (FD and KID in the evaluation network's features, "
+                          "precision/recall/density/coverage, MS-SSIM diversity, texture FD, two-sample tests)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
     if args.generate is not None and args.generate < 1:
@@ -443,6 +499,16 @@ def main(argv=None):
                      f"{summary['test_nearest_train_ssim_mean']:.3f}, reconstructed training slices "
                      f"{summary['train_nearest_train_ssim_mean']:.3f}; split by {summary['split_by']})")
         print(line)
+        quality = summary.get("quality")
+        if quality:
+            print(f"sample quality over {quality['n_samples']} slices: FD {quality['fd']:.3f} (real/real floor "
+                  f"{quality['fd_floor']:.3f}), KID {quality['kid']:.4f}, precision {quality['precision']:.3f}, "
+                  f"recall {quality['recall']:.3f}, density {quality['density']:.3f}, coverage "
+                  f"{quality['coverage']:.3f}, MS-SSIM diversity {quality['msssim_diversity']:.3f} (real "
+                  f"{quality['msssim_diversity_real']:.3f}), texture FD {quality['texture_fd']:.2f} (floor "
+                  f"{quality['texture_fd_floor']:.2f}), two-sample test accuracy {quality['c2st_accuracy']:.2f} "
+                  f"against real, {quality['c2st_recon_accuracy']:.2f} against reconstructions (0.5 = "
+                  "indistinguishable)")
     else:
         brain = (f"; inside the brain SSIM {summary['ssim_brain_mean']:.4f} +/- {summary['ssim_brain_std']:.4f}, "
                  f"PSNR {summary['psnr_brain_mean']:.2f} dB" if summary["ssim_brain_mean"] is not None else "")

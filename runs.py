@@ -137,6 +137,13 @@ def limit_split(split, limit, seed):
     return split.take(keep)
 
 
+def load_images(split, n, image_size, fit, seed):
+    """`n` images of `split` (a seeded random subset, kept in file order) as float32 (n, size, size, 1)."""
+    picks = limit_split(split, n, seed)
+    return np.concatenate([b.numpy() for b in dataset.make_dataset(picks, image_size=image_size, batch_size=64,
+                                                                   fit=fit)])
+
+
 def encode_split(vqvae, split, image_size, fit, batch_size=32):
     """Code indices (N, h, w) uint16 of every image of `split`, streamed in batches, with a progress bar."""
     ds = dataset.make_dataset(split, image_size=image_size, batch_size=batch_size, fit=fit)

@@ -57,27 +57,6 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "alzheimer-mri-slices"
 ROWS = ("real train", "reconstructed", "gated", "plain", "per-position", "patch-shuffled")
 
 
-def load_images(split, n, image_size, fit, seed):
-    """`n` images of `split` (a seeded subset, in file order), (n, size, size, 1) float32."""
-    picks = runs.limit_split(split, n, seed)
-    return np.concatenate([b.numpy() for b in dataset.make_dataset(picks, image_size=image_size, batch_size=64,
-                                                                   fit=fit)])
-
-
-def shuffle_patches(images, patch, seed=0):
-    """Each image with its `patch` x `patch` tiles in a random order (one permutation per image)."""
-    rng = np.random.default_rng(seed)
-    n, size = len(images), images.shape[1]
-    per_side = size // patch
-    tiles = images[:, :per_side * patch, :per_side * patch].reshape(n, per_side, patch, per_side, patch, 1)
-    tiles = tiles.transpose(0, 1, 3, 2, 4, 5).reshape(n, per_side * per_side, patch, patch, 1)
-    tiles = np.stack([t[rng.permutation(len(t))] for t in tiles])
-    out = images.copy()
-    out[:, :per_side * patch, :per_side * patch] = tiles.reshape(n, per_side, per_side, patch, patch, 1).transpose(
-        0, 1, 3, 2, 4, 5).reshape(n, per_side * patch, per_side * patch, 1)
-    return out
-
-
 def train_vqvae(source, image_size, downsample, minutes, steps, seed=0, log=print):
     keras.utils.set_random_seed(seed)
     model = modules.VQVAE(downsample=downsample, seed=seed)
@@ -172,8 +151,8 @@ def main(argv=None):
 
     network = metrics.load_evaluation_network(source.splits["train"], size, fit, dataset.default_cache_dir(),
                                               steps=args.eval_steps, seed=args.seed, log=log)
-    reference = load_images(source.splits["test"], n, size, fit, args.seed)
-    real_train = load_images(source.splits["train"], n, size, fit, args.seed + 1)
+    reference = runs.load_images(source.splits["test"], n, size, fit, args.seed)
+    real_train = runs.load_images(source.splits["train"], n, size, fit, args.seed + 1)
     reconstruct = tf.function(vqvae.reconstruct)
     recon = lambda x: np.concatenate([reconstruct(x[i:i + 64]).numpy() for i in range(0, len(x), 64)])  # noqa: E731
     reconstructed_reference = recon(reference).clip(0.0, 1.0)
@@ -213,7 +192,7 @@ def main(argv=None):
     images = {"real train": real_train, "reconstructed": recon(real_train).clip(0.0, 1.0),
               "gated": decode(vqvae, gated_codes), "plain": decode(vqvae, plain_codes),
               "per-position": decode(vqvae, per_position_sampler(codes, args.seed)(n)),
-              "patch-shuffled": shuffle_patches(real_train, max(4, size // 8), args.seed)}
+              "patch-shuffled": metrics.shuffle_patches(real_train, max(4, size // 8), args.seed)}
     rows = {}
     for row in ROWS:
         t0 = time.perf_counter()

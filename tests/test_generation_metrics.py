@@ -32,9 +32,7 @@ def noise(images, std, seed=0):
 
 
 def shuffle_tiles(images, tile, seed=0):
-    import bench_generation
-
-    return bench_generation.shuffle_patches(images, tile, seed)
+    return metrics.shuffle_patches(images, tile, seed)
 
 
 # --- the estimators, against references ---------------------------------------------------------------------
@@ -55,7 +53,7 @@ def test_frechet_distance_matches_the_closed_form_and_is_zero_on_itself():
     # Independent coordinates: FD = |mu_x - mu_y|^2 + sum (sigma_x - sigma_y)^2, up to sampling.
     x = rng.normal(0, 1, (20000, 4)) * [1, 2, 3, 4]
     y = rng.normal(1, 1, (20000, 4)) * [2, 2, 1, 4] + [1, 0, 0, 0]
-    expected = (1 + 1) ** 2 + 1 + 1 + 1 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2 + 0
+    expected = (3 ** 2 + 2 ** 2 + 1 ** 2 + 4 ** 2) + ((1 - 2) ** 2 + 0 + (3 - 1) ** 2 + 0)  # means [3, 2, 1, 4]
     assert metrics.frechet_distance(x, y) == pytest.approx(expected, rel=0.03)
     assert abs(metrics.frechet_distance(x, x)) < 1e-6
     # A full covariance against scipy's matrix square root.
@@ -101,6 +99,15 @@ def test_msssim_diversity_is_near_one_for_a_collapsed_set_and_uses_distinct_pair
     assert collapsed > 0.95 > varied
     _, pairs = metrics.msssim_diversity(np.repeat(images, 4, axis=0), pairs=500)
     assert pairs == 500
+
+
+def test_shuffled_patches_are_a_permutation_of_the_tiles():
+    images = np.random.default_rng(4).random((2, 40, 40, 1)).astype(np.float32)
+    shuffled = metrics.shuffle_patches(images, 16)
+    assert not np.array_equal(shuffled[:, :32, :32], images[:, :32, :32])
+    np.testing.assert_array_equal(shuffled[:, 32:], images[:, 32:])  # past the last whole tile: kept
+    tiles = lambda x: sorted(x[a:a + 16, b:b + 16].tobytes() for a in (0, 16) for b in (0, 16))  # noqa: E731
+    assert all(tiles(s) == tiles(i) for s, i in zip(shuffled, images))
 
 
 def test_wilson_interval_contains_the_proportion_and_narrows_with_trials():
@@ -184,20 +191,47 @@ def scored(request):
     return {name: score(images) for name, images in sets.items()}, candidates, reference
 
 
+SERIES = {"blur": ("floor", "blur 0.5", "blur 1", "blur 2", "blur 4"),
+          "noise": ("floor", "noise 0.02", "noise 0.05", "noise 0.1")}
+
+
 @pytest.mark.parametrize("metric", ["fd", "kid", "texture_fd"])
 def test_distances_grow_monotonically_with_blur_and_noise_from_the_floor(scored, metric):
+    # Strictly from sigma 1 on and for every noise level. A sigma-0.5 blur is invisible to the learned
+    # features of the real slices at 128 px (FD 1.085 against a floor of 1.086: they are JPEGs
+    # downsampled from 176x208), so that one step may stay level within sampling noise (2%), never fall
+    # further; the texture FD sees it.
     scores, _, _ = scored
-    blurs = [scores[name][metric] for name in ("floor", "blur 0.5", "blur 1", "blur 2", "blur 4")]
-    noises = [scores[name][metric] for name in ("floor", "noise 0.02", "noise 0.05", "noise 0.1")]
-    assert all(a < b for a, b in zip(blurs, blurs[1:])), blurs
-    assert all(a < b for a, b in zip(noises, noises[1:])), noises
+    for series in SERIES.values():
+        values = [scores[name][metric] for name in series]
+        assert values[1] >= values[0] - 0.02 * abs(values[0]) - 0.005, (series, values)
+        assert all(a < b for a, b in zip(values[1:], values[2:])), (series, values)
+        assert values[-1] > max(2 * abs(values[0]), 0.1), (series, values)
 
 
-@pytest.mark.parametrize("metric", ["precision", "density", "coverage"])
-def test_fidelity_scores_fall_with_heavy_degradation(scored, metric):
+def test_the_texture_distance_sees_the_lightest_blur(scored):
     scores, _, _ = scored
-    assert scores["blur 4"][metric] < 0.5 * scores["floor"][metric]
-    assert scores["noise 0.1"][metric] < 0.5 * scores["floor"][metric]
+    assert scores["blur 0.5"]["texture_fd"] > 2 * scores["floor"]["texture_fd"]
+
+
+def falls(values, by):
+    """Never up by more than sampling noise (shares of 96 to 128 points: 0.06), and down by `by` in all."""
+    return all(b <= a + 0.06 for a, b in zip(values, values[1:])) and values[-1] < values[0] - by
+
+
+@pytest.mark.parametrize("metric", ["recall", "coverage"])
+def test_recall_and_coverage_fall_as_slices_are_blurred(scored, metric):
+    scores, _, _ = scored
+    values = [scores[name][metric] for name in SERIES["blur"]]
+    assert falls(values, 0.2), values
+
+
+def test_density_falls_as_slices_are_noised(scored):
+    # Precision is blind to blur and noise in these features (0.95 at sigma 4 on the real slices: blurred
+    # slices stay inside the real slices' generous k-NN balls), and recall to noise; density is not.
+    scores, _, _ = scored
+    values = [scores[name]["density"] for name in SERIES["noise"]]
+    assert falls(values, 0.2), values
 
 
 @pytest.mark.parametrize("metric", ["fd", "kid"])

@@ -285,3 +285,30 @@ def test_predict_spreads_a_batch_over_replicas_with_the_same_results(run_with_pr
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_generation_scores_sample_quality_against_the_test_split_or_a_reference_folder(run_with_prior, tmp_path,
+                                                                                       monkeypatch):
+    import metrics
+
+    monkeypatch.setattr(metrics, "EVAL_STEPS", 3)  # the evaluation network's training, shortened for the test
+    args = ["--run", run_with_prior, "--generate", "8", "--no-xla", "--no-memorisation-check", "--json"]
+    done = command(predict, *args, "--out", tmp_path / "gen")
+    assert done.returncode == 0, done.stderr[-3000:]
+    quality = last_json(done.stdout)["quality"]
+    for key in ("fd", "fd_floor", "kid", "precision", "recall", "density", "coverage", "msssim_diversity",
+                "msssim_diversity_real", "texture_fd", "texture_fd_floor", "c2st_accuracy", "c2st_recon_accuracy"):
+        assert np.isfinite(quality[key]), key
+    assert quality["n_reference"] == 8 and "noisy below 100" in done.stdout
+    assert "sample quality over 8 slices: FD" in done.stdout
+    # Any folder of real slices as the reference; a missing one is one line.
+    folder = tmp_path / "reference"
+    for i in range(7):
+        write_image(folder / f"real_{i}.png", brain_like((40, 40), seed=50 + i))
+    done = command(predict, *args, "--out", tmp_path / "gen2", "--reference-data", folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert last_json(done.stdout)["quality"]["n_reference"] == 7
+    line = one_error_line(command(predict, *args, "--reference-data", tmp_path / "nowhere"))
+    assert "--reference-data" in line and "nowhere" in line
+    done = command(predict, *args, "--no-quality", "--out", tmp_path / "gen3")
+    assert done.returncode == 0 and "quality" not in last_json(done.stdout)
