@@ -355,9 +355,11 @@ def files_digest(paths, extra=""):
     """SHA-256 over the names and bytes of `paths` (in order) and `extra`: the cache key of a trained network."""
     digest = hashlib.sha256(extra.encode())
     for path in paths:
-        digest.update(os.path.basename(path).encode())
+        name = os.path.basename(path).encode()
         with open(path, "rb") as f:
-            digest.update(f.read())
+            contents = f.read()
+        digest.update(b"%d:%s%d:" % (len(name), name, len(contents)))  # lengths frame each file
+        digest.update(contents)
     return digest.hexdigest()
 
 
@@ -472,8 +474,8 @@ def frechet_distance(x, y):
 def kernel_inception_distance(x, y, subset_size=1000, subsets=100, seed=0):
     """KID: the unbiased estimate of the squared MMD with the cubic polynomial kernel (Binkowski et al. 2018).
 
-    k(a, b) = (a . b / D + 1)^3. With both sets no larger than `subset_size`
-    the estimate uses all of them once; otherwise it averages `subsets`
+    k(a, b) = (a . b / D + 1)^3. With two sets of one size no larger than
+    `subset_size` the estimate uses all of them once; otherwise it averages `subsets`
     random subsets of `subset_size` each (as clean-fid and torchmetrics).
     Unbiased: its expectation is 0 when x and y come from one distribution,
     so it can be negative.
@@ -608,7 +610,8 @@ class TextureFeatures:
             inside = np.concatenate([_filtered(im[..., 0], name)[m] for im, m in zip(images, masks)])
             self.ranges[name] = (np.percentile(inside, 0.5), np.percentile(inside, 99.5)) if len(inside) else (0, 1)
         raw = self._raw(images, masks)
-        self.mean, self.std = raw.mean(0), raw.std(0) + 1e-8
+        self.mean, self.std = raw.mean(0), raw.std(0)
+        self.std[self.std < 1e-6] = 1.0  # a feature constant over the reference is centred, not blown up
         return self
 
     def _raw(self, images, masks):
@@ -737,12 +740,18 @@ def sample_quality(samples, reference, train_reference, network, reconstructed_r
         log: callable for warnings.
 
     Returns:
-        A dict: fd, fd_floor, kid, precision, recall, density, coverage,
+        A dict: fd, fd_floor, kid, kid_floor, precision, recall, density, coverage,
         msssim_diversity, msssim_diversity_real, texture_fd,
         texture_fd_floor, c2st_accuracy (and _low, _high),
         c2st_recon_accuracy (and _low, _high; None without reconstructions),
         n_samples, n_reference, msssim_pairs.
     """
+    for name, images in (("samples", samples), ("reference", reference), ("train_reference", train_reference),
+                         ("reconstructed_reference", reconstructed_reference)):
+        if images is not None and not np.isfinite(images).all():
+            bad = int((~np.isfinite(np.asarray(images)).reshape(len(images), -1).all(axis=1)).sum())
+            raise ValueError(f"{name}: {bad} of {len(images)} images hold NaN or inf values; a diverged model "
+                             "cannot be scored")
     n = min(len(samples), len(reference), len(train_reference))
     if n <= NEAREST_K:
         raise ValueError(f"sample quality needs more than {NEAREST_K} samples and reference slices. Received: "

@@ -266,6 +266,9 @@ def generation_quality(samples, vqvae, run, source, config, args, log=print):
             f"{len(samples)} generated, {len(reference_split)} reference and {len(train)} training slices, so it is "
             "skipped (generate 100 or more for numbers to compare)")
         return None
+    if not np.isfinite(samples).all():
+        raise PredictError("the generated slices hold NaN values: the VQ-VAE or the prior diverged. Retrain "
+                           "it (train.py stops on a NaN loss), or pass --no-quality.")
     network = metrics.load_evaluation_network(train, size, fit, dataset.default_cache_dir(), log=log)
     reference = runs.load_images(reference_split, n, size, fit, args.seed)
     train_reference = runs.load_images(train, n, size, fit, args.seed + 1)
@@ -273,8 +276,10 @@ def generation_quality(samples, vqvae, run, source, config, args, log=print):
                                     for i in range(0, len(reference), 32)])
     log(f"sample quality: {n} generated slices against {n} real "
         f"{'reference' if args.reference_data else 'test'} slices (floor: as many training slices)")
-    return metrics.sample_quality(samples, reference, train_reference, network, reconstructed, seed=args.seed,
-                                  log=log)
+    # Scored as saved: 8-bit, like the real slices (a classifier must not tell them apart by bit depth).
+    eight_bit = lambda x: np.round(np.clip(x, 0.0, 1.0) * 255.0) / 255.0  # noqa: E731
+    return metrics.sample_quality(eight_bit(samples), reference, train_reference, network, eight_bit(reconstructed),
+                                  seed=args.seed, log=log)
 
 
 def run_generation(args, log=print):

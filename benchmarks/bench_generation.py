@@ -193,6 +193,9 @@ def main(argv=None):
               "gated": decode(vqvae, gated_codes), "plain": decode(vqvae, plain_codes),
               "per-position": decode(vqvae, per_position_sampler(codes, args.seed)(n)),
               "patch-shuffled": metrics.shuffle_patches(real_train, max(4, size // 8), args.seed)}
+    # Scored as a user's PNGs would be: 8-bit, like the real slices.
+    images = {row: np.round(x * 255.0) / 255.0 for row, x in images.items()}
+    reconstructed_reference = np.round(reconstructed_reference * 255.0) / 255.0
     rows = {}
     for row in ROWS:
         t0 = time.perf_counter()

@@ -249,3 +249,20 @@ def test_the_classifier_two_sample_test_sees_no_difference_between_real_sets_and
     assert floor["accuracy"] < 0.7
     for images in (blur(candidates, 2), shuffle_tiles(candidates, SIZE // 2)):
         assert metrics.classifier_two_sample_test(images, reference, epochs=15)["accuracy"] > 0.85
+
+
+def test_sample_quality_refuses_samples_of_a_diverged_model():
+    images = np.random.default_rng(5).random((8, 32, 32, 1)).astype(np.float32)
+    broken = images.copy()
+    broken[3, 4, 4, 0] = np.nan
+    with pytest.raises(ValueError, match=r"samples: 1 of 8 images hold NaN"):
+        metrics.sample_quality(broken, images, images, network=None)
+
+
+def test_a_texture_feature_constant_over_the_reference_does_not_dominate():
+    # A reference of one slice repeated: every feature is constant over it, and another slice's features
+    # must not be scaled by 1 / (0 + epsilon).
+    references = np.repeat(dataset.phantom_slice(3, 14, size=64)[None, ..., None] / 255.0, 10, axis=0)
+    texture = metrics.TextureFeatures().fit(references.astype(np.float32))
+    other = (dataset.phantom_slice(7, 20, size=64)[None, ..., None] / 255.0).astype(np.float32)
+    assert np.abs(texture(other)).max() < 1e4
