@@ -140,6 +140,18 @@ def test_the_evaluation_network_is_cached_by_the_digest_of_the_training_files(tm
     assert len(trained) == 3
 
 
+def test_features_trace_the_evaluation_network_once_per_network(monkeypatch):
+    tf.keras.utils.set_random_seed(0)
+    network = metrics.evaluation_network()
+    traced = []
+    resize = metrics.to_eval_size
+    monkeypatch.setattr(metrics, "to_eval_size", lambda x: traced.append(1) or resize(x))  # runs only when tracing
+    images = np.random.default_rng(0).random((8, 32, 32, 1), np.float32)
+    first = metrics.features(network, images)
+    np.testing.assert_array_equal(metrics.features(network, images), first)
+    assert len(traced) == 1
+
+
 # --- the metrics on slices: floor, degradations, broken layout ----------------------------------------------
 
 
