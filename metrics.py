@@ -569,11 +569,16 @@ def msssim_diversity(images, pairs=1000, seed=0, batch_size=64):
         first = rng.integers(0, n, pairs)
         second = (first + rng.integers(1, n, pairs)) % n  # never the same image
     weights = np.array(MSSSIM_WEIGHTS[:msssim_scales(min(images.shape[1:3]))])
-    weights = tuple(weights / weights.sum())
-    run = tf.function(lambda a, b: ms_ssim(a, b, power_factors=weights), reduce_retracing=True)
-    values = [run(images[first[i:i + batch_size]], images[second[i:i + batch_size]]).numpy()
+    weights = tuple(float(w) for w in weights / weights.sum())
+    values = [_pair_ms_ssim(images[first[i:i + batch_size]], images[second[i:i + batch_size]], weights).numpy()
               for i in range(0, len(first), batch_size)]
     return float(np.concatenate(values).mean()), int(len(first))
+
+
+@tf.function(reduce_retracing=True)
+def _pair_ms_ssim(a, b, weights):
+    """`ms_ssim` compiled once for the process (traced per image size and weights, not per call)."""
+    return ms_ssim(a, b, power_factors=weights)
 
 
 # The texture features: a radiomics-style description of the brain, no learned network.
@@ -735,9 +740,26 @@ def classifier_two_sample_test(a, b, epochs=20, batch_size=32, seed=0):
     return {"accuracy": correct / (2 * n), "low": low, "high": high, "n": 2 * n}
 
 
+def to_8bit(images):
+    """Images clipped to [0, 1] and rounded to multiples of 1/255 (float32): what an 8-bit PNG holds."""
+    return np.round(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255.0) / 255.0
+
+
+def nearest_distances(x, y, batch=512):
+    """For each feature vector of x (N, D), the Euclidean distance to its nearest of y (M, D): float64 (N,)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    y2 = (y ** 2).sum(1)
+    out = [np.sqrt(np.clip(((c ** 2).sum(1)[:, None] + y2[None] - 2.0 * c @ y.T).min(1), 0.0, None))
+           for c in (x[i:i + batch] for i in range(0, len(x), batch))]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def sample_quality(samples, reference, train_reference, network, reconstructed_reference=None, seed=0,
                    c2st_epochs=20, log=print):
     """Every sample-quality metric of generated slices against real ones, with equal counts.
+
+    Every set is clipped to [0, 1] and scored as 8-bit images (rounded to
+    multiples of 1/255), as generated slices are saved and real ones stored.
 
     Args:
         samples: generated slices (N, H, W, 1) in [0, 1].
@@ -764,6 +786,10 @@ def sample_quality(samples, reference, train_reference, network, reconstructed_r
             bad = int((~np.isfinite(np.asarray(images)).reshape(len(images), -1).all(axis=1)).sum())
             raise ValueError(f"{name}: {bad} of {len(images)} images hold NaN or inf values; a diverged model "
                              "cannot be scored")
+    # Every set is scored as 8-bit images (as PNGs are saved and real slices stored; resizing makes fractions),
+    # so no metric can tell two sets apart by their bit depth, and a set scored as its own floor scores it exactly.
+    samples, reference, train_reference, reconstructed_reference = (
+        None if x is None else to_8bit(x) for x in (samples, reference, train_reference, reconstructed_reference))
     n = min(len(samples), len(reference), len(train_reference))
     if n <= NEAREST_K:
         raise ValueError(f"sample quality needs more than {NEAREST_K} samples and reference slices. Received: "

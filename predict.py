@@ -276,10 +276,7 @@ def generation_quality(samples, vqvae, run, source, config, args, log=print):
                                     for i in range(0, len(reference), 32)])
     log(f"sample quality: {n} generated slices against {n} real "
         f"{'reference' if args.reference_data else 'test'} slices (floor: as many training slices)")
-    # Scored as saved: 8-bit, like the real slices (a classifier must not tell them apart by bit depth).
-    eight_bit = lambda x: np.round(np.clip(x, 0.0, 1.0) * 255.0) / 255.0  # noqa: E731
-    return metrics.sample_quality(eight_bit(samples), reference, train_reference, network, eight_bit(reconstructed),
-                                  seed=args.seed, log=log)
+    return metrics.sample_quality(samples, reference, train_reference, network, reconstructed, seed=args.seed, log=log)
 
 
 def run_generation(args, log=print):

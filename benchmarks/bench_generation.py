@@ -28,6 +28,12 @@ present, else --data, else the built-in phantoms), in this process:
                          patches (at 256 px; scaled with the image) shuffled:
                          local texture intact, global layout broken
 
+     Every set is scored as 8-bit images (`metrics.to_8bit`). Beside the
+     metrics, each row's mean distance in the evaluation features from a slice
+     to its nearest training slice (all of them), against the same for the
+     VQ-VAE's reconstructions of the held-out reference: a prior that copies
+     its training set sits closer than that.
+
     python benchmarks/bench_generation.py [--data PATH] [--samples 500] [--minutes M | --steps S] [--json]
 
 Ends with one JSON object (with --json) holding each row's metrics.
@@ -84,9 +90,20 @@ def per_position_sampler(codes, seed=0):
 
     def sample(count):
         picks = rng.integers(0, n, (count, h * w))  # a random training grid's code, position by position
-        return flat[picks, np.arange(h * w)[None, :]].reshape(count, h, w)
+        return flat[picks, np.arange(h * w)[None, :]].reshape(count, h, w).astype(np.int32)
 
     return sample
+
+
+def split_by(source):
+    """How the source's splits were made: "subject" when file names carry subject ids, else "file"."""
+    return "subject" if any((s.subjects >= 0).any() for s in source.splits.values()) else "file"
+
+
+def train_features(network, split, size, fit):
+    """Evaluation features (float64) of every image of `split`, as 8-bit images, streamed in batches."""
+    return np.concatenate([metrics.features(network, metrics.to_8bit(b.numpy()))
+                           for b in dataset.make_dataset(split, image_size=size, batch_size=64, fit=fit)])
 
 
 def decode(vqvae, codes, batch=64):
@@ -140,7 +157,7 @@ def main(argv=None):
         run = runs.Run(args.run)
         vqvae, config = run.load_vqvae(), run.config("vqvae")
         source, size, fit = run.source(), config["image_size"], config["fit"]
-        vq_info = {"run": args.run}
+        vq_info = {"run": args.run, "epochs": config["epochs"]}
     else:
         data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
         source = dataset.load_source(data, seed=args.seed)
@@ -148,7 +165,7 @@ def main(argv=None):
         vqvae, vq_info = train_vqvae(source, size, args.downsample, None, args.vqvae_steps, args.seed, log)
     name = "phantoms" if source.kind == "phantoms" else str(source.root)
     n = min(args.samples, len(source.splits["test"]), len(source.splits["train"]))
-    log(f"data: {name} ({source.counts()}); {size} px; {n} slices per row")
+    log(f"data: {name} ({source.counts()}, split by {split_by(source)}); {size} px; {n} slices per row")
 
     network = metrics.load_evaluation_network(source.splits["train"], size, fit, dataset.default_cache_dir(),
                                               steps=args.eval_steps, seed=args.seed, log=log)
@@ -181,22 +198,27 @@ def main(argv=None):
                                                seed=args.seed, name=label)
         prior_info[label] = {"params": model.count_params(), "steps": steps, "train_seconds": round(seconds, 1)}
 
+    # Both priors read the same uniforms (paired sampling): their rows differ by the prior alone.
     batch = min(n, 100)
     t0 = time.perf_counter()
     gated_codes = sample_prior(modules.make_fast_sampler(gated, batch, *grid), n, grid, batch, args.seed)
-    prior_info["gated"]["sample_seconds"] = round(time.perf_counter() - t0, 1)
+    prior_info["gated"].update(sample_seconds=round(time.perf_counter() - t0, 1), sampler="cached, XLA (with tracing)")
     t0 = time.perf_counter()
     plain_sampler = modules.make_naive_sampler(lambda inputs: plain(inputs["codes"]), batch, *grid)
     plain_codes = sample_prior(plain_sampler, n, grid, batch, args.seed)
-    prior_info["plain"]["sample_seconds"] = round(time.perf_counter() - t0, 1)
+    prior_info["plain"].update(sample_seconds=round(time.perf_counter() - t0, 1),
+                               sampler="naive, one full pass per code (with tracing)")
 
     images = {"real train": real_train, "reconstructed": recon(real_train).clip(0.0, 1.0),
               "gated": decode(vqvae, gated_codes), "plain": decode(vqvae, plain_codes),
               "per-position": decode(vqvae, per_position_sampler(codes, args.seed)(n)),
               "patch-shuffled": metrics.shuffle_patches(real_train, max(4, size // 8), args.seed)}
-    # Scored as a user's PNGs would be: 8-bit, like the real slices.
-    images = {row: np.round(x * 255.0) / 255.0 for row, x in images.items()}
-    reconstructed_reference = np.round(reconstructed_reference * 255.0) / 255.0
+    images = {row: metrics.to_8bit(x) for row, x in images.items()}  # as metrics.sample_quality scores them
+    log("memorisation: evaluation features of every training slice ...")
+    known = train_features(network, source.splits["train"], size, fit)
+    nearest = lambda x: float(metrics.nearest_distances(metrics.features(network, metrics.to_8bit(x)),  # noqa: E731
+                                                        known).mean())
+    nearest_reference = nearest(reconstructed_reference)
     rows = {}
     for row in ROWS:
         t0 = time.perf_counter()
@@ -204,31 +226,36 @@ def main(argv=None):
         rows[row] = metrics.sample_quality(images[row], reference, real_train, network,
                                            reconstructed_reference=reconstructed_reference, seed=args.seed,
                                            log=log)
+        rows[row]["nearest_train_distance"] = nearest(images[row])
         rows[row]["seconds"] = round(time.perf_counter() - t0, 1)
         log("  " + ", ".join(f"{key} {value:.4g}" for key, value in rows[row].items()
                              if isinstance(value, float)))
 
+    vq_trained = f"{vq_info['steps']} steps" if "steps" in vq_info else f"{vq_info['epochs']} epochs"
     if args.figure:
         real8 = reference[np.linspace(0, n - 1, 8).round().astype(int)]
         g = rows["gated"]
         dataset.save_grid(np.concatenate([images["gated"][:16], real8]), args.figure, columns=8,
                           titles=[f"sample {i}" for i in range(16)] + ["real test"] * 8,
                           suptitle=f"Rows 1-2: gated PixelCNN samples; row 3: real test slices. {name.split('/')[-1]}, "
-                                   f"{size} px, {grid[0]}x{grid[1]} codes, VQ-VAE {vq_info.get('steps', '?')} steps, "
+                                   f"{size} px, {grid[0]}x{grid[1]} codes, VQ-VAE {vq_trained}, "
                                    f"prior {prior_info['gated']['steps']} steps.\nFD {g['fd']:.2f} (real/real "
                                    f"{g['fd_floor']:.2f}), precision {g['precision']:.2f}, recall {g['recall']:.2f}, "
                                    f"MS-SSIM {g['msssim_diversity']:.3f} (real {g['msssim_diversity_real']:.3f}), "
                                    f"C2ST vs reconstructions {g['c2st_recon_accuracy']:.2f}, over {n} slices")
 
-    columns = ("fd", "kid", "precision", "recall", "density", "coverage", "msssim_diversity", "texture_fd",
-               "c2st_accuracy", "c2st_recon_accuracy")
-    print(f"{'row':15s} " + " ".join(f"{c[:12]:>12s}" for c in columns))
+    columns = {"fd": "FD", "kid": "KID", "precision": "precision", "recall": "recall", "density": "density",
+               "coverage": "coverage", "msssim_diversity": "MS-SSIM", "texture_fd": "texture FD",
+               "c2st_accuracy": "C2ST", "c2st_recon_accuracy": "C2ST recon", "nearest_train_distance": "NN train"}
+    print(f"{'row':15s} " + " ".join(f"{c:>10s}" for c in columns.values()))
     for row, r in rows.items():
-        print(f"{row:15s} " + " ".join(f"{r[c]:12.4f}" for c in columns))
+        print(f"{row:15s} " + " ".join(f"{r[c]:10.4f}" for c in columns))
     print(f"real MS-SSIM diversity {rows['gated']['msssim_diversity_real']:.4f}; texture FD floor "
-          f"{rows['gated']['texture_fd_floor']:.3f}; FD floor {rows['gated']['fd_floor']:.3f}")
+          f"{rows['gated']['texture_fd_floor']:.3f}; FD floor {rows['gated']['fd_floor']:.3f}; NN train of the "
+          f"reconstructed reference {nearest_reference:.3f} (closer is copying); split by {split_by(source)}")
     summary = {"data": name, "image_size": size, "grid": list(grid), "n": n, "vqvae": vq_info, "priors": prior_info,
                "budget": budget, "size": args.size, "rows": rows, "cpu_count": os.cpu_count(),
+               "split_by": split_by(source), "nearest_train_distance_reference": nearest_reference,
                "fd_ratio_gated_plain": rows["gated"]["fd"] / rows["plain"]["fd"],
                "fd_ratio_gated_floor": rows["gated"]["fd"] / rows["real train"]["fd"],
                "seconds": round(time.perf_counter() - start_all, 1)}

@@ -117,6 +117,16 @@ def test_wilson_interval_contains_the_proportion_and_narrows_with_trials():
     assert high2 - low2 < (high - low) / 3
 
 
+def test_msssim_diversity_traces_once_for_repeated_sets_of_one_size(monkeypatch):
+    traced = []
+    real_ms_ssim = metrics.ms_ssim
+    monkeypatch.setattr(metrics, "ms_ssim", lambda *a, **k: traced.append(1) or real_ms_ssim(*a, **k))
+    images = np.random.default_rng(7).random((10, 48, 48, 1), np.float32)
+    first = metrics.msssim_diversity(images)
+    after_first = len(traced)
+    assert metrics.msssim_diversity(images) == first and len(traced) == after_first
+
+
 def test_the_evaluation_network_is_cached_by_the_digest_of_the_training_files(tmp_path, monkeypatch):
     for i in range(8):
         Image.fromarray(dataset.phantom_slice(i, 12, size=64)).save(tmp_path / f"slice_{i}.png")
@@ -278,3 +288,28 @@ def test_a_texture_feature_constant_over_the_reference_does_not_dominate():
     texture = metrics.TextureFeatures().fit(references.astype(np.float32))
     other = (dataset.phantom_slice(7, 20, size=64)[None, ..., None] / 255.0).astype(np.float32)
     assert np.abs(texture(other)).max() < 1e4
+
+
+def test_every_set_is_scored_as_8_bit_images_so_a_real_set_scores_the_floor_exactly():
+    # Resized real slices hold fractions of 1/255; generated slices are saved as 8-bit PNGs. Scored as given,
+    # the "real train" row of the benchmark differed from the floor it should equal.
+    def fractional(subjects):
+        return np.stack([dataset.phantom_slice(s, 14, size=64) for s in subjects])[..., None] / 255.0 \
+            + np.random.default_rng(len(subjects)).uniform(-0.4, 0.4, (len(subjects), 64, 64, 1)) / 255.0
+
+    train, reference = fractional(range(8)), fractional(range(20, 28))
+    tf.keras.utils.set_random_seed(0)
+    network = metrics.evaluation_network()
+    score = lambda samples: metrics.sample_quality(samples, reference, train, network, seed=0,  # noqa: E731
+                                                   c2st_epochs=1, log=lambda *_: None)
+    as_floor = score(train)
+    assert as_floor["fd"] == as_floor["fd_floor"] and as_floor["texture_fd"] == as_floor["texture_fd_floor"]
+    saved = score(np.round(np.clip(train, 0, 1) * 255.0) / 255.0)  # the same slices, as PNGs hold them
+    assert saved == as_floor
+
+
+def test_nearest_distances_equal_brute_force():
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(7, 5)), rng.normal(size=(600, 5))
+    brute = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(metrics.nearest_distances(x, y, batch=3), brute, rtol=1e-9)
