@@ -44,6 +44,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,10 +65,30 @@ ROWS = ("real train", "reconstructed", "gated", "plain", "per-position", "patch-
 
 
 def train_vqvae(source, image_size, downsample, minutes, steps, seed=0, log=print):
+    """A VQ-VAE trained for `steps` batches of 16 (or `minutes` of step time) on the training split.
+
+    Trained for a number of steps, it is cached beside the evaluation network
+    under a digest of the training files and the settings, so a later run (a
+    prior change, another sampler) starts from the same VQ-VAE in seconds.
+    """
     keras.utils.set_random_seed(seed)
     model = modules.VQVAE(downsample=downsample, seed=seed)
     model.build((None, image_size, image_size, 1))
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    cached = None
+    if steps:
+        key = metrics.files_digest(source.splits["train"].paths, f"v1 vqvae size={image_size} downsample="
+                                                                 f"{downsample} steps={steps} seed={seed}")[:16]
+        cached = dataset.default_cache_dir() / "bench_generation" / f"vqvae-{key}.weights.h5"
+        if cached.is_file():
+            try:
+                with warnings.catch_warnings():  # its optimizer state is not needed: the VQ-VAE only encodes now
+                    warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                    model.load_weights(cached)
+                log(f"  VQ-VAE ({image_size} px, {steps} steps) from the cache: {cached}")
+                return model, {"steps": steps, "minutes": None, "cached": str(cached)}
+            except Exception as err:  # a damaged cache file is retrained, never trusted
+                log(f"  the cached VQ-VAE {cached} is unreadable ({type(err).__name__}); training it again")
     batches = iter(dataset.make_dataset(source.splits["train"], image_size=image_size, batch_size=16, shuffle=True,
                                         seed=seed, repeat=True, drop_remainder=True))
     trained, done = 0.0, 0
@@ -79,6 +100,11 @@ def train_vqvae(source, image_size, downsample, minutes, steps, seed=0, log=prin
         done += 1
     log(f"  VQ-VAE ({image_size} px, {image_size // downsample}x{image_size // downsample} codes): {done} steps in "
         f"{trained / 60:.1f} min")
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f".{cached.name}.tmp-{os.getpid()}.weights.h5")
+        model.save_weights(partial)
+        os.replace(partial, cached)  # atomic: a killed run leaves no half-written cache
     return model, {"steps": done, "minutes": round(trained / 60, 2)}
 
 
@@ -204,10 +230,10 @@ def main(argv=None):
     gated_codes = sample_prior(modules.make_fast_sampler(gated, batch, *grid), n, grid, batch, args.seed)
     prior_info["gated"].update(sample_seconds=round(time.perf_counter() - t0, 1), sampler="cached, XLA (with tracing)")
     t0 = time.perf_counter()
-    plain_sampler = modules.make_naive_sampler(lambda inputs: plain(inputs["codes"]), batch, *grid)
+    plain_sampler = bench_prior.make_plain_sampler(plain, batch, *grid)  # the naive sampler's draws, on bands
     plain_codes = sample_prior(plain_sampler, n, grid, batch, args.seed)
     prior_info["plain"].update(sample_seconds=round(time.perf_counter() - t0, 1),
-                               sampler="naive, one full pass per code (with tracing)")
+                               sampler="naive: a full pass (over the rows it sees) per code, with tracing")
 
     images = {"real train": real_train, "reconstructed": recon(real_train).clip(0.0, 1.0),
               "gated": decode(vqvae, gated_codes), "plain": decode(vqvae, plain_codes),

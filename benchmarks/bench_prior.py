@@ -83,6 +83,44 @@ def plain_pixelcnn(num_codes, grid, filters=128, blocks=8, embed=64):
     return keras.Model(inputs, keras.layers.Conv2D(num_codes, 1, name="head")(x), name="plain_pixelcnn")
 
 
+def plain_rows_seen(model):
+    """How many rows above its own a logit of `plain_pixelcnn` sees: 3 (the 7x7 mask-A layer) + 1 per 3x3 block."""
+    return sum(layer.conv.kernel.shape[0] // 2 for layer in model.layers if isinstance(layer, MaskedConv))
+
+
+def make_plain_sampler(model, batch, height, width, temperature=1.0):
+    """The naive sampler for `plain_pixelcnn`, computing each pass over only the rows a logit can see.
+
+    Draws exactly the codes `modules.make_naive_sampler` draws from the same
+    uniforms (a test checks it): a logit in row i depends on rows
+    i - `plain_rows_seen` .. i alone, so each full pass runs on that band of
+    rows instead of the whole grid (about 3x fewer operations at 32x32).
+
+    Returns:
+        `sample(uniform (B, H, W)) -> codes (B, H, W)`.
+    """
+    seen = plain_rows_seen(model)
+    masked = [layer for layer in model.layers if isinstance(layer, MaskedConv)]
+    sizes = {"filters": masked[0].conv.filters, "embed": model.get_layer("embed").output_dim,
+             "blocks": len(masked) - 3}  # mask A, one per block, two 1x1 at the end
+    band_model = plain_pixelcnn(model.get_layer("head").filters, (None, width), **sizes)
+    band_model.set_weights(model.get_weights())
+    positions = tf.range(height)[:, None] * width + tf.range(width)[None, :]
+
+    @tf.function
+    def run(uniform):
+        codes = tf.zeros((batch, height, width), tf.int32)
+        for t in tf.range(height * width):
+            i, j = t // width, t % width
+            top = tf.maximum(0, i - seen)
+            logits = band_model(codes[:, top:i + 1])[:, i - top, j]
+            code = modules.sample_codes(logits, uniform[:, i, j], temperature)
+            codes = tf.where((positions == t)[None], code[:, None, None], codes)
+        return codes
+
+    return lambda uniform: run(tf.convert_to_tensor(uniform, tf.float32))
+
+
 def codebook_features(codebook, width, std):
     """Per-code features (num_codes, width) from the codebook's principal components, with standard deviation `std`.
 

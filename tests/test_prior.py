@@ -192,3 +192,23 @@ def test_init_from_codebook_rejects_a_wrong_codebook_or_an_unbuilt_prior():
     prior(tf.zeros((1, H, W), tf.int32))
     with pytest.raises(ValueError, match=r"Received: codebook of shape \(5, 3\)"):
         prior.init_from_codebook(np.zeros((5, 3)))
+
+
+def test_the_benchmarks_banded_plain_sampler_draws_what_the_naive_sampler_draws():
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_prior
+
+    keras.utils.set_random_seed(3)
+    height, width = 11, 6
+    plain = bench_prior.plain_pixelcnn(K, (height, width), filters=16, blocks=2, embed=8)
+    rng = np.random.default_rng(3)
+    for weight in plain.weights:
+        weight.assign(rng.normal(0, 0.5, weight.shape).astype(np.float32))
+    assert bench_prior.plain_rows_seen(plain) == 5  # 3 + 1 per block: the band is shorter than the grid
+    uniform = rng.random((4, height, width)).astype(np.float32)
+    naive = modules.make_naive_sampler(lambda inputs: plain(inputs["codes"]), 4, height, width)(uniform).numpy()
+    banded = bench_prior.make_plain_sampler(plain, 4, height, width)(uniform).numpy()
+    np.testing.assert_array_equal(banded, naive)
+    assert len(np.unique(naive)) > 3  # the draws are not degenerate
