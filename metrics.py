@@ -575,9 +575,9 @@ def msssim_diversity(images, pairs=1000, seed=0, batch_size=64):
     return float(np.concatenate(values).mean()), int(len(first))
 
 
-@tf.function(reduce_retracing=True)
+@tf.function  # not reduce_retracing: ms_ssim needs the static image size (a full and a last batch: two traces)
 def _pair_ms_ssim(a, b, weights):
-    """`ms_ssim` compiled once for the process (traced per image size and weights, not per call)."""
+    """`ms_ssim` compiled once for the process (traced per batch shape and weights, not per call)."""
     return ms_ssim(a, b, power_factors=weights)
 
 
