@@ -113,6 +113,10 @@ class DataSource:
     def counts(self):
         return {name: len(split) for name, split in self.splits.items()}
 
+    def split_by(self):
+        """"subject" when the file names carry subject ids (the splits never share a subject), else "file"."""
+        return "subject" if any((s.subjects >= 0).any() for s in self.splits.values()) else "file"
+
     def summary(self):
         """A JSON-ready description (the `--json` keys of dataset.py)."""
         out = {"source": self.kind, "root": str(self.root), **self.counts()}

@@ -748,10 +748,7 @@ def to_8bit(images):
 def nearest_distances(x, y, batch=512):
     """For each feature vector of x (N, D), the Euclidean distance to its nearest of y (M, D): float64 (N,)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    y2 = (y ** 2).sum(1)
-    out = [np.sqrt(np.clip(((c ** 2).sum(1)[:, None] + y2[None] - 2.0 * c @ y.T).min(1), 0.0, None))
-           for c in (x[i:i + batch] for i in range(0, len(x), batch))]
-    return np.concatenate(out) if out else np.zeros(0)
+    return np.concatenate([_distances(x[i:i + batch], y).min(1) for i in range(0, len(x), batch)] or [np.zeros(0)])
 
 
 def sample_quality(samples, reference, train_reference, network, reconstructed_reference=None, seed=0,

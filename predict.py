@@ -224,7 +224,7 @@ def memorisation_check(samples, vqvae, source, config, seed=0, log=print):
             picks, image_size=size, batch_size=32, fit=fit)])
 
     test, ceiling = reconstructions(source.splits["test"]), reconstructions(train)
-    by_file = not any((s.subjects >= 0).any() for s in source.splits.values())
+    by_file = source.split_by() == "file"
     log(f"memorisation check: SSIM of each of {n} generated slices to its nearest of {len(train)} training slices, "
         f"beside {len(test)} reconstructed test and {len(ceiling)} reconstructed training slices")
     nearest, files = nearest_ssim(np.concatenate([samples, test, ceiling]), train, size, fit)

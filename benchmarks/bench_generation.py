@@ -121,11 +121,6 @@ def per_position_sampler(codes, seed=0):
     return sample
 
 
-def split_by(source):
-    """How the source's splits were made: "subject" when file names carry subject ids, else "file"."""
-    return "subject" if any((s.subjects >= 0).any() for s in source.splits.values()) else "file"
-
-
 def train_features(network, split, size, fit):
     """Evaluation features (float64) of every image of `split`, as 8-bit images, streamed in batches."""
     return np.concatenate([metrics.features(network, metrics.to_8bit(b.numpy()))
@@ -191,7 +186,7 @@ def main(argv=None):
         vqvae, vq_info = train_vqvae(source, size, args.downsample, None, args.vqvae_steps, args.seed, log)
     name = "phantoms" if source.kind == "phantoms" else str(source.root)
     n = min(args.samples, len(source.splits["test"]), len(source.splits["train"]))
-    log(f"data: {name} ({source.counts()}, split by {split_by(source)}); {size} px; {n} slices per row")
+    log(f"data: {name} ({source.counts()}, split by {source.split_by()}); {size} px; {n} slices per row")
 
     network = metrics.load_evaluation_network(source.splits["train"], size, fit, dataset.default_cache_dir(),
                                               steps=args.eval_steps, seed=args.seed, log=log)
@@ -199,7 +194,7 @@ def main(argv=None):
     real_train = runs.load_images(source.splits["train"], n, size, fit, args.seed + 1)
     reconstruct = tf.function(vqvae.reconstruct)
     recon = lambda x: np.concatenate([reconstruct(x[i:i + 64]).numpy() for i in range(0, len(x), 64)])  # noqa: E731
-    reconstructed_reference = recon(reference).clip(0.0, 1.0)
+    reconstructed_reference = metrics.to_8bit(recon(reference))
 
     codes = runs.encode_split(vqvae, source.splits["train"], size, fit)
     grid, k = codes.shape[1:], vqvae.num_codes
@@ -242,8 +237,7 @@ def main(argv=None):
     images = {row: metrics.to_8bit(x) for row, x in images.items()}  # as metrics.sample_quality scores them
     log("memorisation: evaluation features of every training slice ...")
     known = train_features(network, source.splits["train"], size, fit)
-    nearest = lambda x: float(metrics.nearest_distances(metrics.features(network, metrics.to_8bit(x)),  # noqa: E731
-                                                        known).mean())
+    nearest = lambda x: float(metrics.nearest_distances(metrics.features(network, x), known).mean())  # noqa: E731
     nearest_reference = nearest(reconstructed_reference)
     rows = {}
     for row in ROWS:
@@ -278,10 +272,10 @@ def main(argv=None):
         print(f"{row:15s} " + " ".join(f"{r[c]:10.4f}" for c in columns))
     print(f"real MS-SSIM diversity {rows['gated']['msssim_diversity_real']:.4f}; texture FD floor "
           f"{rows['gated']['texture_fd_floor']:.3f}; FD floor {rows['gated']['fd_floor']:.3f}; NN train of the "
-          f"reconstructed reference {nearest_reference:.3f} (closer is copying); split by {split_by(source)}")
+          f"reconstructed reference {nearest_reference:.3f} (closer is copying); split by {source.split_by()}")
     summary = {"data": name, "image_size": size, "grid": list(grid), "n": n, "vqvae": vq_info, "priors": prior_info,
                "budget": budget, "size": args.size, "rows": rows, "cpu_count": os.cpu_count(),
-               "split_by": split_by(source), "nearest_train_distance_reference": nearest_reference,
+               "split_by": source.split_by(), "nearest_train_distance_reference": nearest_reference,
                "fd_ratio_gated_plain": rows["gated"]["fd"] / rows["plain"]["fd"],
                "fd_ratio_gated_floor": rows["gated"]["fd"] / rows["real train"]["fd"],
                "seconds": round(time.perf_counter() - start_all, 1)}
