@@ -92,12 +92,14 @@ def train_vqvae(source, image_size, downsample, minutes, steps, seed=0, log=prin
     batches = iter(dataset.make_dataset(source.splits["train"], image_size=image_size, batch_size=16, shuffle=True,
                                         seed=seed, repeat=True, drop_remainder=True))
     trained, done = 0.0, 0
+    bar = keras.utils.Progbar(steps, unit_name="step")  # an open-ended bar when the budget is minutes
     while (done < steps) if steps else (trained < minutes * 60):
         images = next(batches)
         start = time.perf_counter()
-        model.train_on_batch(images)
+        logs = model.train_on_batch(images, return_dict=True)
         trained += time.perf_counter() - start
         done += 1
+        bar.update(done, [(name, float(np.ravel(logs[name])[0])) for name in ("loss", "ssim")])
     log(f"  VQ-VAE ({image_size} px, {image_size // downsample}x{image_size // downsample} codes): {done} steps in "
         f"{trained / 60:.1f} min")
     if cached is not None:
