@@ -8,8 +8,8 @@ present, else --data, else the built-in phantoms), in this process:
      digest of its files, as `predict.py` does);
   3. two priors of the VQ-VAE's training codes are trained for the same
      budget, with the same batches and the same codebook start: the gated
-     PixelCNN as train.py builds it (unconditional here, so both priors model
-     the same thing) and the plain PixelCNN of the keras.io example
+     PixelCNN as train.py builds it (unconditional unless --condition label,
+     so both priors model the same thing) and the plain PixelCNN of the keras.io example
      (`bench_prior.plain_pixelcnn`, matched in parameters);
   4. every row below is scored against N real held-out (test) slices with
      `metrics.sample_quality`, with equal counts N:
@@ -18,7 +18,9 @@ present, else --data, else the built-in phantoms), in this process:
        reconstructed     the VQ-VAE's reconstructions of those same N training
                          slices: the decoder's ceiling (a perfect prior scores
                          this; unpaired with the reference, like the floor)
-       gated             N samples of our gated prior, decoded
+       gated             N samples of our gated prior, decoded (with
+                         --condition label, conditioned on the class folder,
+                         drawn at the training split's class frequencies)
        plain             N samples of the plain PixelCNN, decoded
        per-position      N grids whose codes are drawn independently from
                          each position's code frequencies in training: the
@@ -134,12 +136,16 @@ def decode(vqvae, codes, batch=64):
                            for i in range(0, len(codes), batch)]).clip(0.0, 1.0)
 
 
-def sample_prior(sampler, count, grid, batch, seed):
+def sample_prior(sampler, count, grid, batch, seed, labels=None):
+    """`count` grids from `sampler`, `batch` at a time, from seeded uniforms (and, if given, one label per grid)."""
     out = []
     bar = keras.utils.Progbar(count, unit_name="sample")
+    if labels is not None:  # padded to whole batches
+        labels = np.resize(np.asarray(labels, np.int32), -(-count // batch) * batch)
     for start in range(0, count, batch):
         uniform = tf.random.stateless_uniform((batch, *grid), seed=[seed, start])
-        out.append(sampler(uniform).numpy())
+        condition = {} if labels is None else {"label": labels[start:start + batch]}
+        out.append(sampler(uniform, **condition).numpy())
         bar.update(min(start + batch, count))
     return np.concatenate(out)[:count]
 
@@ -163,6 +169,10 @@ def main(argv=None):
     parser.add_argument("--size", choices=["default", "demo"], default="demo",
                         help="gated prior size: train.py's phantom-demo size (345 k parameters) or its real-data "
                              "size (1.66 M, about 5x slower per step on a CPU)")
+    parser.add_argument("--condition", choices=["none", "label"], default="none",
+                        help="gated prior only: condition it on the class folder, as train.py's --condition label "
+                             "does (10%% of training labels dropped to 'unknown'); its samples are drawn at the "
+                             "training split's class frequencies")
     parser.add_argument("--samples", type=int, default=500,
                         help="slices per row (and reference slices); at most the test split")
     parser.add_argument("--eval-steps", type=int, default=metrics.EVAL_STEPS,
@@ -172,7 +182,7 @@ def main(argv=None):
                              "row is asked for); a prior experiment needs 'real train,reconstructed,gated'")
     parser.add_argument("--temperatures", default="1",
                         help="comma-separated softmax temperatures of the gated prior's draws: one gated row per "
-                             "value, from the same prior and the same uniforms (1 is the row 'gated')")
+                             "value, from the same prior and the same uniforms (1 is always drawn, as the row 'gated')")
     parser.add_argument("--figure", default=None,
                         help="write 16 gated samples beside 8 real test slices here (e.g. samples/generated_real.png)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training, sampling and subsets")
@@ -220,39 +230,53 @@ def main(argv=None):
     grid, k = codes.shape[1:], vqvae.num_codes
     codebook = vqvae.quantizer.codebook.numpy()
     sizes = bench_prior.SIZES[args.size]
+    train_labels, num_classes = None, 0
+    if args.condition == "label":
+        train_labels = source.splits["train"].labels
+        num_classes = int(train_labels.max()) + 1
+        if num_classes < 2 or (train_labels < 0).any():
+            sys.exit(f"--condition label needs every training slice in a class sub-folder; {name} has "
+                     f"{num_classes} classes. Use --condition none.")
     keras.utils.set_random_seed(args.seed)
-    gated = modules.GatedPixelCNN(num_codes=k, grid_size=grid, **sizes)
+    gated = modules.GatedPixelCNN(num_codes=k, grid_size=grid, num_classes=num_classes, **sizes)
     gated(tf.zeros((1, *grid), tf.int32))
     gated.init_from_codebook(codebook)
-    plain_kw = {"filters": 2 * sizes["filters"], "embed": sizes["filters"]}
-    blocks = min(range(1, 40), key=lambda b: abs(bench_prior.plain_pixelcnn(k, grid, blocks=b, **plain_kw)
-                                                 .count_params() - gated.count_params()))
-    keras.utils.set_random_seed(args.seed)
-    plain = bench_prior.plain_pixelcnn(k, grid, blocks=blocks, **plain_kw)
-    bench_prior.init_plain_from_codebook(plain, codebook)
+    priors = {"gated": gated}
+    if "plain" in asked:  # matched in parameters to the gated prior
+        plain_kw = {"filters": 2 * sizes["filters"], "embed": sizes["filters"]}
+        blocks = min(range(1, 40), key=lambda b: abs(bench_prior.plain_pixelcnn(k, grid, blocks=b, **plain_kw)
+                                                     .count_params() - gated.count_params()))
+        keras.utils.set_random_seed(args.seed)
+        priors["plain"] = bench_prior.plain_pixelcnn(k, grid, blocks=blocks, **plain_kw)
+        bench_prior.init_plain_from_codebook(priors["plain"], codebook)
     budget = f"{args.minutes} min" if args.minutes else f"{args.steps} steps"
     log(f"priors: {len(codes)} training grids of {grid[0]}x{grid[1]}, K={k}; {budget} each")
     prior_info = {}
-    for label, model in (("gated", gated), ("plain", plain)) if "plain" in asked else (("gated", gated),):
+    for label, model in priors.items():
         keras.utils.set_random_seed(args.seed)
         steps, seconds = bench_prior.train_for(model, codes, args.minutes, None if args.minutes else args.steps,
-                                               seed=args.seed, name=label)
+                                               seed=args.seed, name=label,
+                                               labels=train_labels if label == "gated" else None)
         prior_info[label] = {"params": model.count_params(), "steps": steps, "train_seconds": round(seconds, 1)}
 
     # Every prior reads the same uniforms (paired sampling): their rows differ by the prior alone.
     batch = min(n, 100)
+    sample_labels = None  # class-conditioned: labels drawn at the training split's class frequencies
+    if train_labels is not None:
+        sample_labels = np.random.default_rng(args.seed).choice(train_labels, n)
+        prior_info["gated"]["sample_labels"] = np.bincount(sample_labels, minlength=num_classes).tolist()
     sampled = {}
     for t in temperatures:
         row = "gated" if t == 1 else f"gated T={t:g}"
         t0 = time.perf_counter()
         sampled[row] = sample_prior(modules.make_fast_sampler(gated, batch, *grid, temperature=t), n, grid, batch,
-                                    args.seed)
+                                    args.seed, sample_labels)
         prior_info[row] = {**prior_info["gated"], "temperature": t,
                            "sample_seconds": round(time.perf_counter() - t0, 1),
                            "sampler": "cached, XLA (with tracing)"}
     if "plain" in asked:
         t0 = time.perf_counter()
-        plain_sampler = bench_prior.make_plain_sampler(plain, batch, *grid)  # the naive sampler's draws, on bands
+        plain_sampler = bench_prior.make_plain_sampler(priors["plain"], batch, *grid)  # the naive sampler's draws, on bands
         sampled["plain"] = sample_prior(plain_sampler, n, grid, batch, args.seed)
         prior_info["plain"].update(sample_seconds=round(time.perf_counter() - t0, 1),
                                    sampler="naive: a full pass (over the rows it sees) per code, with tracing")
@@ -289,7 +313,7 @@ def main(argv=None):
                           titles=[f"sample {i}" for i in range(16)] + ["real test"] * 8,
                           suptitle=f"Rows 1-2: gated PixelCNN samples; row 3: real test slices. {name.split('/')[-1]}, "
                                    f"{size} px, {grid[0]}x{grid[1]} codes, VQ-VAE {vq_trained}, "
-                                   f"prior {prior_info['gated']['steps']} steps.\nFD {g['fd']:.2f} (real/real "
+                                   f"prior {prior_info['gated']['steps']} steps{', class-conditioned' if num_classes else ''}.\nFD {g['fd']:.2f} (real/real "
                                    f"{g['fd_floor']:.2f}), precision {g['precision']:.2f}, recall {g['recall']:.2f}, "
                                    f"MS-SSIM {g['msssim_diversity']:.3f} (real {g['msssim_diversity_real']:.3f}), "
                                    f"C2ST vs reconstructions {g['c2st_recon_accuracy']:.2f}, over {n} slices")
@@ -304,7 +328,7 @@ def main(argv=None):
           f"{rows['gated']['texture_fd_floor']:.3f}; FD floor {rows['gated']['fd_floor']:.3f}; NN train of the "
           f"reconstructed reference {nearest_reference:.3f} (closer is copying); split by {source.split_by()}")
     summary = {"data": name, "image_size": size, "grid": list(grid), "n": n, "vqvae": vq_info, "priors": prior_info,
-               "budget": budget, "size": args.size, "rows": rows, "cpu_count": os.cpu_count(),
+               "budget": budget, "size": args.size, "condition": args.condition, "rows": rows, "cpu_count": os.cpu_count(),
                "split_by": source.split_by(), "nearest_train_distance_reference": nearest_reference,
                "fd_ratio_gated_floor": rows["gated"]["fd"] / rows["gated"]["fd_floor"],
                "seconds": round(time.perf_counter() - start_all, 1)}

@@ -169,22 +169,34 @@ def background_code(vqvae, image_size):
     return int(np.bincount(codes).argmax())
 
 
-def train_for(model, codes, minutes, steps=None, batch=32, seed=0, log=print, name=""):
-    """Trains on shuffled batches for `minutes` of step time, or for exactly `steps` steps."""
+def train_for(model, codes, minutes, steps=None, batch=32, seed=0, log=print, name="", labels=None,
+              drop_condition=0.1):
+    """Trains on shuffled batches for `minutes` of step time, or for exactly `steps` steps.
+
+    With `labels` (one class per grid), the model is fed `{"codes", "label"}`
+    and, as `train.py` does, each label is replaced by "unknown" (-1) with
+    probability `drop_condition`; the batches are the same with or without.
+    """
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     stream = dataset.index_stream(len(codes), batch, shuffle=True, seed=seed, repeat=True, drop_remainder=True)
     table = tf.constant(codes.astype(np.int32))
+    label_table = None if labels is None else tf.constant(np.asarray(labels), tf.int32)
 
-    def gather(indices):
-        return tf.gather(table, indices)
+    def gather(step, indices):
+        grids = tf.gather(table, indices)
+        if label_table is None:
+            return grids, grids
+        keep = tf.random.stateless_uniform(tf.shape(indices), seed=tf.stack([tf.cast(seed, tf.int64), step]))
+        label = tf.where(keep >= drop_condition, tf.gather(label_table, indices), -1)
+        return {"codes": grids, "label": label}, grids
 
-    batches = iter(stream.batch(batch).map(gather))
+    batches = iter(stream.batch(batch).enumerate().map(gather))
     trained, done = 0.0, 0
     while (done < steps) if steps else (trained < minutes * 60):
-        x = next(batches)
+        x, y = next(batches)
         start = time.perf_counter()
-        model.train_on_batch(x, x)
+        model.train_on_batch(x, y)
         trained += time.perf_counter() - start
         done += 1
     log(f"  {name}: {done} steps in {trained / 60:.1f} min")
