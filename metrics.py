@@ -148,16 +148,33 @@ def brain_mask(images, threshold=THRESHOLD):
     ((1, 16, 16, 1), True, False)
     """
     images = _as_images(images, "images")
-    intensity = tf.reduce_mean(images, axis=-1, keepdims=True)
-    # avg_pool2d's "SAME" averages over the pixels inside the image only.
-    smoothed = tf.nn.avg_pool2d(intensity, SMOOTHING, 1, "SAME")
-    return fill_holes(smoothed > threshold)
+    intensity = tf.reduce_mean(images, axis=-1)
+    # A SMOOTHING x SMOOTHING box mean over the pixels inside the image only
+    # (as avg_pool2d's "SAME"), as products with banded 0/1 matrices: several
+    # times faster than pooling on a CPU.
+    rows, cols = _box_matrix(tf.shape(images)[1]), _box_matrix(tf.shape(images)[2])
+    sums = tf.einsum("hu,buv,vw->bhw", rows, intensity, cols)
+    counts = tf.reduce_sum(rows, axis=1)[:, None] * tf.reduce_sum(cols, axis=0)[None, :]
+    return fill_holes((sums / counts > threshold)[..., None])
+
+
+def _box_matrix(n):
+    """(n, n) float32 with ones where |i - j| <= SMOOTHING // 2: `M @ x` sums each pixel's neighbours along an axis."""
+    offset = tf.range(n)[:, None] - tf.range(n)[None, :]
+    return tf.cast(tf.abs(offset) <= SMOOTHING // 2, tf.float32)
 
 
 def _gaussian_window():
     """The 1-D factor of tf.image.ssim's window: its 11x11 kernel is the outer product of this with itself."""
     coords = tf.range(FILTER_SIZE, dtype=tf.float32) - (FILTER_SIZE - 1) / 2.0
     return tf.nn.softmax(tf.square(coords) * (-0.5 / FILTER_SIGMA**2))
+
+
+def _window_matrix(n):
+    """(n, n - 10) float32: column j holds the Gaussian window over rows j .. j + 10, so `x @ M` filters "VALID"."""
+    offset = tf.range(n)[:, None] - tf.range(n - FILTER_SIZE + 1)[None, :]
+    inside = tf.logical_and(offset >= 0, offset < FILTER_SIZE)
+    return tf.where(inside, tf.gather(_gaussian_window(), tf.clip_by_value(offset, 0, FILTER_SIZE - 1)), 0.0)
 
 
 def ssim_map(images, reconstructions, max_val=1.0):
@@ -187,14 +204,12 @@ def _ssim_terms(x, y, max_val=1.0):
     if x.shape[1] is not None and x.shape[2] is not None and min(x.shape[1], x.shape[2]) < FILTER_SIZE:
         raise ValueError(f"SSIM needs images of at least {FILTER_SIZE}x{FILTER_SIZE} pixels. "
                          f"Received: images of shape {tuple(x.shape)}")
-    channels = x.shape[-1]
-    # One pass of the window over the four local statistics, as depthwise 1-D convolutions.
+    # One pass of the window over the four local statistics: the separable
+    # window as two products with banded matrices, about twice as fast on a
+    # CPU as depthwise convolutions forward and backward.
     stacked = tf.concat([x, y, x * y, tf.square(x) + tf.square(y)], axis=-1)
-    window = _gaussian_window()
-    along_width = tf.tile(tf.reshape(window, (1, FILTER_SIZE, 1, 1)), (1, 1, 4 * channels, 1))
-    along_height = tf.tile(tf.reshape(window, (FILTER_SIZE, 1, 1, 1)), (1, 1, 4 * channels, 1))
-    local = tf.nn.depthwise_conv2d(stacked, along_width, [1, 1, 1, 1], "VALID")
-    local = tf.nn.depthwise_conv2d(local, along_height, [1, 1, 1, 1], "VALID")
+    local = tf.einsum("bhwc,wv->bhvc", stacked, _window_matrix(tf.shape(x)[2]))
+    local = tf.einsum("bhvc,hu->buvc", local, _window_matrix(tf.shape(x)[1]))
     mean_x, mean_y, mean_xy, mean_squares = tf.split(local, 4, axis=-1)
     # As tf.image.ssim's _ssim_helper, term for term.
     c1, c2 = (K1 * max_val) ** 2, (K2 * max_val) ** 2
@@ -247,12 +262,14 @@ def _masked_mean(values, mask):
     return tf.where(count > 0, total / tf.maximum(count, 1.0), float("nan"))
 
 
-def image_quality(images, reconstructions):
+def image_quality(images, reconstructions, mask=None):
     """Per-image SSIM and PSNR of reconstructions clipped to [0, 1], whole image and inside the brain.
 
     Args:
         images: originals (B, H, W, C) in [0, 1], H and W at least 11.
         reconstructions: same shape, any float dtype; clipped to [0, 1].
+        mask: `brain_mask(images)` if the caller has it already (None:
+            computed here).
 
     Returns:
         A dict of float32 (B,) tensors:
@@ -272,7 +289,7 @@ def image_quality(images, reconstructions):
     """
     images = _as_images(images, "images")
     reconstructions = tf.clip_by_value(_as_images(reconstructions, "reconstructions"), 0.0, 1.0)
-    mask = brain_mask(images)
+    mask = brain_mask(images) if mask is None else mask
     ssim = ssim_map(images, reconstructions)  # (B, H - 10, W - 10)
     crop = (FILTER_SIZE - 1) // 2
     ssim_mask = mask[:, crop:-crop, crop:-crop, 0]

@@ -25,6 +25,8 @@ from keras import ops  # noqa: E402
 import metrics  # noqa: E402
 
 PACKAGE = "brain_vqvae"
+GRADIENTS = ("straight_through", "rotation")
+LOSSES = ("mse", "ssim_l1")
 
 
 def _replica_info():
@@ -58,6 +60,40 @@ def _cluster_logs(logs):
 def _replica_gather(x):
     """`x` of every replica in sync, concatenated on axis 0 in replica order."""
     return tf.distribute.get_replica_context().all_gather(x, axis=0)
+
+
+def l2_normalize(x, epsilon=1e-6):
+    """`x` scaled to unit length along its last axis (vectors shorter than `epsilon` stay short)."""
+    return x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), epsilon)
+
+
+def rotate_to(z, q, epsilon=1e-6):
+    """The rotation trick (Fifty et al. 2025): `q` in the forward pass, a rotated gradient backward.
+
+    The output equals `q` (to rounding), but is computed as `s R z` with
+    the rotation R taking z's direction onto q's and the scale s = |q|/|z|,
+    both held constant: the gradient reaching `z` is `s R^T` times the
+    output's, so it keeps the angle it makes with the code, where the
+    straight-through estimator (`z + sg(q - z)`) copies it unchanged.
+    R = I - 2 w w^T + 2 q^ u^T with u = z/|z|, q^ = q/|q|, w = (u + q^)/|u + q^|
+    (applied without forming the D x D matrix).
+
+    Args:
+        z: (N, D) float32 vectors (the encoder's outputs).
+        q: (N, D) float32 their codes.
+        epsilon: floor of the norms.
+
+    Returns:
+        (N, D) float32, equal to `q` in value.
+    """
+    sg = ops.stop_gradient
+    z_norm = ops.maximum(ops.norm(z, axis=-1, keepdims=True), epsilon)
+    q_norm = ops.maximum(ops.norm(q, axis=-1, keepdims=True), epsilon)
+    u, q_hat = sg(z / z_norm), sg(q / q_norm)
+    w = sg(l2_normalize(u + q_hat, epsilon))
+    rotated = (z - 2.0 * ops.sum(z * w, axis=-1, keepdims=True) * w
+               + 2.0 * ops.sum(z * u, axis=-1, keepdims=True) * q_hat)
+    return rotated * sg(q_norm / z_norm)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -109,6 +145,12 @@ class VectorQuantizer(keras.layers.Layer):
         usage_decay: decay of the moving share of assignments per code.
         seed: seed of the restarts' random draws (None: 0), which are
             keyed by (seed, training update) and so reproducible on resume.
+        normalize: look codes up on the unit sphere (ViT-VQGAN, Yu et al.
+            2022): inputs and codebook are l2-normalised, so the nearest
+            code is the one at the smallest angle and no code can drift
+            out of reach of the inputs.
+        gradient: how the gradient passes the quantizer to the input:
+            "straight_through" (copied) or "rotation" (`rotate_to`).
 
     Call arguments:
         inputs: vectors (..., code_dim), any float dtype.
@@ -130,8 +172,11 @@ class VectorQuantizer(keras.layers.Layer):
     """
 
     def __init__(self, num_codes=512, code_dim=64, beta=0.25, ema=True, decay=0.99, epsilon=1e-5,
-                 dead_threshold=0.03, usage_decay=0.95, seed=None, **kwargs):
+                 dead_threshold=0.03, usage_decay=0.95, seed=None, normalize=False, gradient="straight_through",
+                 **kwargs):
         super().__init__(**kwargs)
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}. Received: gradient={gradient!r}")
         if num_codes < 2:
             raise ValueError(f"num_codes must be at least 2. Received: num_codes={num_codes}")
         if code_dim < 1:
@@ -147,6 +192,8 @@ class VectorQuantizer(keras.layers.Layer):
         self.dead_threshold = dead_threshold
         self.usage_decay = usage_decay
         self.seed = seed
+        self.normalize = normalize
+        self.gradient = gradient
 
     def build(self, input_shape):
         if input_shape[-1] != self.code_dim:
@@ -193,6 +240,8 @@ class VectorQuantizer(keras.layers.Layer):
 
     def call(self, inputs, training=False, return_loss=False):
         z = ops.cast(inputs, "float32")
+        if self.normalize:
+            z = l2_normalize(z)
         flat = ops.reshape(z, (-1, self.code_dim))
         flat_indices, distances = self.nearest(flat)
         indices = ops.reshape(flat_indices, ops.shape(z)[:-1])
@@ -202,7 +251,11 @@ class VectorQuantizer(keras.layers.Layer):
         loss = self.quantization_loss(z, quantized) if return_loss else None
         if training and self.trainable:
             self._update_codebook(ops.stop_gradient(flat), flat_indices, ops.stop_gradient(distances))
-        quantized = ops.cast(z + ops.stop_gradient(quantized - z), self.compute_dtype)
+        if self.gradient == "rotation":
+            quantized = ops.reshape(rotate_to(flat, ops.reshape(quantized, (-1, self.code_dim))), ops.shape(z))
+        else:
+            quantized = z + ops.stop_gradient(quantized - z)
+        quantized = ops.cast(quantized, self.compute_dtype)
         return (quantized, indices, loss) if return_loss else (quantized, indices)
 
     def _update_codebook(self, flat, indices, distances):
@@ -219,6 +272,8 @@ class VectorQuantizer(keras.layers.Layer):
             total = ops.sum(ema_counts)
             smoothed = (ema_counts + self.epsilon) / (total + k * self.epsilon) * total
             codebook = ema_sums / smoothed[:, None]
+            if self.normalize:
+                codebook = l2_normalize(codebook)
         usage = self.usage_decay * self.usage + (1.0 - self.usage_decay) * share
         dead = ops.logical_or(usage < self.dead_threshold / k, self.initialized < 0.5)
         sample = self._restart_samples(flat, distances)
@@ -267,7 +322,7 @@ class VectorQuantizer(keras.layers.Layer):
         config.update({
             "num_codes": self.num_codes, "code_dim": self.code_dim, "beta": self.beta, "ema": self.ema,
             "decay": self.decay, "epsilon": self.epsilon, "dead_threshold": self.dead_threshold, "usage_decay": self.usage_decay,
-            "seed": self.seed,
+            "seed": self.seed, "normalize": self.normalize, "gradient": self.gradient,
         })
         return config
 
@@ -334,6 +389,37 @@ def build_decoder(downsample=4, channels=64, res_blocks=2, res_channels=32):
     return keras.Sequential(layers, name="decoder")
 
 
+def brain_loss(images, reconstructions, alpha=0.84, background=0.1, mask=None):
+    """Reconstruction loss aimed inside the brain: `alpha (1 - SSIM) + (1 - alpha) L1`.
+
+    The mix of Zhao et al. (2017) with both terms weighted towards the
+    brain (`metrics.brain_mask` of the originals): SSIM is averaged over the
+    mask, the score `metrics.image_quality` reports, and L1 weights the
+    mask by 1 and the rest of the canvas by `background`, enough to keep
+    it black. Reconstructions are
+    not clipped, so the gradient does not vanish outside [0, 1].
+
+    Args:
+        images: originals (B, H, W, 1) float32 in [0, 1].
+        reconstructions: (B, H, W, 1) float32.
+        alpha: weight of the SSIM term.
+        background: L1 weight of the pixels away from the brain.
+        mask: `metrics.brain_mask(images)` if the caller has it (None:
+            computed here).
+
+    Returns:
+        The float32 scalar loss, averaged over images.
+    """
+    mask = ops.cast(metrics.brain_mask(images) if mask is None else mask, "float32")
+    crop = (metrics.FILTER_SIZE - 1) // 2
+    weight = background + (1.0 - background) * mask
+    l1 = ops.sum(weight * ops.abs(images - reconstructions), axis=(1, 2, 3)) / ops.sum(weight, axis=(1, 2, 3))
+    inside = mask[:, crop:-crop, crop:-crop, 0]
+    ssim = ops.sum(metrics.ssim_map(images, reconstructions) * inside, axis=(1, 2))
+    ssim = ssim / ops.maximum(ops.sum(inside, axis=(1, 2)), 1.0)
+    return ops.mean(alpha * (1.0 - ssim) + (1.0 - alpha) * l1)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CodebookUsage(keras.metrics.Metric):
     """Perplexity and fraction of codes used, over all indices seen since the last reset.
@@ -367,7 +453,7 @@ class CodebookUsage(keras.metrics.Metric):
 class VQVAE(keras.Model):
     """VQ-VAE for single-channel images in [0, 1].
 
-    Tracks total, reconstruction (MSE) and VQ losses, SSIM and PSNR (whole
+    Tracks total, reconstruction (`loss`) and VQ losses, SSIM and PSNR (whole
     image, and inside the brain as `ssim_brain` / `psnr_brain`; see
     `metrics.image_quality`), perplexity and the fraction of codes used, in
     training and evaluation. SSIM and PSNR are means over images; the brain
@@ -385,6 +471,13 @@ class VQVAE(keras.Model):
         decay: EMA decay.
         dead_threshold: restart threshold of unused codes (see `VectorQuantizer`).
         seed: seed of the quantizer's restarts.
+        loss: the reconstruction loss: "mse" over the whole image, or
+            "ssim_l1", `brain_loss` (SSIM and L1 inside the brain, mixed
+            as Zhao et al. 2017).
+        normalize_codes: l2-normalised code lookup (see `VectorQuantizer`).
+        gradient: gradient through the quantizer (see `VectorQuantizer`).
+        decoder_channels: the decoder's channels (None: `channels`).
+        decoder_res_blocks: the decoder's residual blocks (None: `res_blocks`).
 
     Example:
     >>> model = VQVAE(downsample=4, num_codes=16, code_dim=8, channels=16)
@@ -393,19 +486,28 @@ class VQVAE(keras.Model):
     """
 
     def __init__(self, downsample=4, channels=64, res_blocks=2, res_channels=32, num_codes=512, code_dim=64,
-                 beta=0.25, codebook="ema", decay=0.99, dead_threshold=0.03, seed=None, **kwargs):
+                 beta=0.25, codebook="ema", decay=0.99, dead_threshold=0.03, seed=None, loss="mse",
+                 normalize_codes=False, gradient="straight_through", decoder_channels=None, decoder_res_blocks=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if codebook not in ("ema", "loss"):
             raise ValueError(f"codebook must be 'ema' or 'loss'. Received: codebook={codebook!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}. Received: loss={loss!r}")
         self.hyper = {"downsample": downsample, "channels": channels, "res_blocks": res_blocks,
                       "res_channels": res_channels, "num_codes": num_codes, "code_dim": code_dim, "beta": beta,
-                      "codebook": codebook, "decay": decay, "dead_threshold": dead_threshold, "seed": seed}
+                      "codebook": codebook, "decay": decay, "dead_threshold": dead_threshold, "seed": seed,
+                      "loss": loss, "normalize_codes": normalize_codes, "gradient": gradient,
+                      "decoder_channels": decoder_channels, "decoder_res_blocks": decoder_res_blocks}
         self.downsample = downsample
         self.num_codes = num_codes
+        self.loss_name = loss
         self.encoder = build_encoder(downsample, channels, res_blocks, res_channels, code_dim)
         self.quantizer = VectorQuantizer(num_codes, code_dim, beta=beta, ema=codebook == "ema", decay=decay,
-                                         dead_threshold=dead_threshold, seed=seed, name="quantizer")
-        self.decoder = build_decoder(downsample, channels, res_blocks, res_channels)
+                                         dead_threshold=dead_threshold, seed=seed, normalize=normalize_codes,
+                                         gradient=gradient, name="quantizer")
+        self.decoder = build_decoder(downsample, decoder_channels or channels,
+                                     res_blocks if decoder_res_blocks is None else decoder_res_blocks, res_channels)
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in ("loss", "recon_loss", "vq_loss", "ssim", "psnr", "ssim_brain", "psnr_brain")}
         self.usage = CodebookUsage(num_codes, name="codebook_usage")
@@ -425,8 +527,11 @@ class VQVAE(keras.Model):
     def metrics(self):
         return [*self.trackers.values(), self.usage]
 
-    def _forward(self, images, training):
+    def _forward(self, images, mask, training):
         """One pass: reconstructions, code indices, and the reconstruction and VQ losses.
+
+        `mask` is `metrics.brain_mask(images)`, computed once per step for
+        the loss and the logged brain scores.
 
         The VQ loss is the quantizer's, against the codes this pass used:
         in training the quantizer moves its codebook within this pass.
@@ -434,11 +539,15 @@ class VQVAE(keras.Model):
         z = self.encoder(images, training=training)
         quantized, indices, vq_loss = self.quantizer(z, training=training, return_loss=True)
         reconstructions = self.decoder(quantized, training=training)
-        recon_loss = ops.mean((ops.cast(images, "float32") - ops.cast(reconstructions, "float32")) ** 2)
+        images, predicted = ops.cast(images, "float32"), ops.cast(reconstructions, "float32")
+        if self.loss_name == "ssim_l1":
+            recon_loss = brain_loss(images, predicted, mask=mask)
+        else:
+            recon_loss = ops.mean((images - predicted) ** 2)
         return reconstructions, indices, recon_loss, vq_loss
 
-    def _log(self, images, reconstructions, indices, recon_loss, vq_loss):
-        quality = metrics.image_quality(images, reconstructions)
+    def _log(self, images, mask, reconstructions, indices, recon_loss, vq_loss):
+        quality = metrics.image_quality(images, reconstructions, mask=mask)
         # SSIM and PSNR are averaged per image (not per batch), so a partial
         # last batch counts for what it holds.
         values = {"loss": recon_loss + vq_loss, "recon_loss": recon_loss, "vq_loss": vq_loss, **quality}
@@ -468,18 +577,20 @@ class VQVAE(keras.Model):
     # same; replicas' gradients are summed) and by the optimizer's loss scale.
     def train_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
+        mask = metrics.brain_mask(images)
         with tf.GradientTape() as tape:
-            reconstructions, indices, recon_loss, vq_loss = self._forward(images, training=True)
+            reconstructions, indices, recon_loss, vq_loss = self._forward(images, mask, training=True)
             scaled = self.optimizer.scale_loss((recon_loss + vq_loss) / _replica_info()[0])
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
-        return _cluster_logs(self._log(images, reconstructions, indices, recon_loss, vq_loss))
+        return _cluster_logs(self._log(images, mask, reconstructions, indices, recon_loss, vq_loss))
 
     def test_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
-        reconstructions, indices, recon_loss, vq_loss = self._forward(images, training=False)
-        return _cluster_logs(self._log(images, reconstructions, indices, recon_loss, vq_loss))
+        mask = metrics.brain_mask(images)
+        reconstructions, indices, recon_loss, vq_loss = self._forward(images, mask, training=False)
+        return _cluster_logs(self._log(images, mask, reconstructions, indices, recon_loss, vq_loss))
 
     def encode(self, images):
         """Code indices (B, S/f, S/f) int32 of images (B, S, S, 1)."""

@@ -478,7 +478,8 @@ def vqvae_config(args, source, counts):
         "learning_rate": args.lr,
         "vqvae": {"downsample": args.downsample, "channels": args.channels, "res_blocks": args.res_blocks,
                   "res_channels": args.res_channels, "num_codes": args.codes, "code_dim": args.code_dim,
-                  "beta": args.beta, "codebook": args.codebook, "decay": args.decay, "seed": args.seed},
+                  "beta": args.beta, "codebook": args.codebook, "decay": args.decay, "seed": args.seed,
+                  "loss": args.loss, "normalize_codes": args.normalize_codes, "gradient": args.gradient},
         "counts": counts,
     }
 
@@ -787,6 +788,15 @@ def parse_args(argv=None):
                     help="learn the codebook by moving averages (ema) or by gradient (loss)")
     vq.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
     vq.add_argument("--decay", type=float, default=0.99, help="EMA decay of the codebook")
+    vq.add_argument("--loss", choices=modules.LOSSES, default="ssim_l1",
+                    help="reconstruction loss: ssim_l1 (0.84 (1 - SSIM inside the brain) + 0.16 L1 weighted to the "
+                         "brain, modules.brain_loss) or mse (over the whole image, the model before issue 13)")
+    vq.add_argument("--normalize-codes", action=argparse.BooleanOptionalAction, default=True,
+                    help="l2-normalised code lookup (codes and encoder outputs on the unit sphere, as ViT-VQGAN); "
+                         "--no-normalize-codes for the plain Euclidean lookup")
+    vq.add_argument("--gradient", choices=modules.GRADIENTS, default="rotation",
+                    help="gradient through the quantizer: rotation (the rotation trick, Fifty et al.) or "
+                         "straight_through")
     prior = parser.add_argument_group("PixelCNN prior (--model pixelcnn)")
     prior.add_argument("--filters", type=int, default=None,
                        help="channels of the vertical and horizontal stacks (default 64; phantom demo 32)")

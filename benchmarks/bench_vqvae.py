@@ -13,11 +13,19 @@ SSIM on a fixed held-out subset measured along the way (outside the budget)
 to find when it first reached 0.90; at the end every held-out image is
 reconstructed and mean +/- std SSIM reported, over the whole image and inside
 the brain (`metrics.image_quality`; about 44% of a real slice is black
-background that reconstructs perfectly and flatters the whole-image value). The data are the real OASIS-
+background that reconstructs perfectly and flatters the whole-image value),
+with the code usage over the brain's positions (perplexity, codes used) and
+the raw rate, log2 K bits per code.
+
+Our models are built with `modules.VQVAE`'s own defaults (the model as it
+was before the brain-masked loss) unless `--set KEY=VALUE` says otherwise;
+`--set loss=ssim_l1 --set normalize_codes=true --set gradient=rotation` is
+what `train.py` uses by default. `--schedule cosine` tries a warm-up and
+cosine learning rate over the budget. The data are the real OASIS-
 derived slices in ../shared/data/alzheimer-mri-slices (or --data), split by
 the project's pipeline (seed 0), 176x208 slices centred on a 256x256 canvas.
 
-    python benchmarks/bench_vqvae.py [--minutes 10] [--json]
+    python benchmarks/bench_vqvae.py [--minutes 10] [--models ours-64 ...] [--set KEY=VALUE ...] [--json]
 """
 
 import argparse
@@ -75,16 +83,37 @@ def keras_io_model(size=256, latent=16, codes=64):
     return keras.Model(inputs, outputs, name="keras_io_vqvae")
 
 
-def build(name, size):
+def build(name, size, options=None, lr=1e-3):
     if name == "keras.io":
         model = keras_io_model(size)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse")
         return model, lambda images: tf.clip_by_value(model(images, training=False), 0.0, 1.0)
     downsample = {"ours-64": 4, "ours-32": 8}[name]
-    model = modules.VQVAE(downsample=downsample, seed=0)
+    model = modules.VQVAE(**{"downsample": downsample, "seed": 0, **(options or {})})
     model.build((None, size, size, 1))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=keras.optimizers.Adam(lr))
     return model, model.reconstruct
+
+
+def learning_rate(peak, fraction, schedule, warmup=0.02):
+    """The learning rate `fraction` of the way through the budget: constant, or linear warm-up then cosine to 0."""
+    if schedule == "constant":
+        return peak
+    if fraction < warmup:
+        return peak * fraction / warmup
+    return peak * 0.5 * (1.0 + np.cos(np.pi * min(1.0, (fraction - warmup) / (1.0 - warmup))))
+
+
+def brain_code_usage(model, ds):
+    """Perplexity and codes used over the code positions whose patch touches the brain of the originals."""
+    counts = np.zeros(model.num_codes)
+    for images in ds:
+        codes = model.encode(images).numpy()
+        patch = model.downsample
+        mask = tf.nn.max_pool2d(tf.cast(metrics.brain_mask(images), tf.float32), patch, patch, "VALID")
+        counts += np.bincount(codes[mask.numpy()[..., 0] > 0], minlength=model.num_codes)
+    p = counts[counts > 0] / counts.sum()
+    return float(np.exp(-(p * np.log(p)).sum())), int((counts > 0).sum())
 
 
 def quality(reconstruct, ds):
@@ -94,9 +123,11 @@ def quality(reconstruct, ds):
     return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
 
 
-def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.0, figure=None, log=print):
+def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.0, figure=None, log=print,
+                      options=None, lr=1e-3, schedule="constant", label=None):
     keras.utils.set_random_seed(0)
-    model, reconstruct = build(name, size)
+    model, reconstruct = build(name, size, options, lr)
+    label = label or name
     train = dataset.make_dataset(source.splits["train"], image_size=size, batch_size=batch, shuffle=True, seed=0,
                                  repeat=True, drop_remainder=True)
     probe = dataset.make_dataset(source.splits["validate"].take(np.arange(0, len(source.splits["validate"]), 4)),
@@ -109,15 +140,18 @@ def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.
     next_probe = probe_every
     while trained < minutes * 60:
         start = time.perf_counter()
+        model.optimizer.learning_rate.assign(learning_rate(lr, trained / (minutes * 60), schedule))
         model.train_on_batch(*([next(iterator)] if name != "keras.io" else next(iterator)))
         trained += time.perf_counter() - start
         steps += 1
         if trained >= next_probe or trained >= minutes * 60:
-            ssim = float(quality(reconstruct, probe)["ssim"].mean())
-            curve.append((round(trained, 1), ssim))
+            probed = quality(reconstruct, probe)
+            ssim, ssim_brain = float(probed["ssim"].mean()), float(np.nanmean(probed["ssim_brain"]))
+            curve.append((round(trained, 1), ssim, ssim_brain))
             if reached is None and ssim >= 0.90:
                 reached = trained
-            log(f"  {name}: {trained / 60:5.1f} min trained, {steps} steps, probe SSIM {ssim:.4f}")
+            log(f"  {label}: {trained / 60:5.1f} min trained, {steps} steps, probe SSIM {ssim:.4f}, "
+                f"inside the brain {ssim_brain:.4f}")
             next_probe += probe_every
     scores = quality(reconstruct, held_out)
     values, brain = scores["ssim"], scores["ssim_brain"][np.isfinite(scores["ssim_brain"])]
@@ -127,15 +161,21 @@ def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.
         picks = test.take(np.linspace(0, len(test) - 1, 8).round().astype(int))
         images = next(iter(dataset.make_dataset(picks, image_size=size, batch_size=8))).numpy()
         runs.save_comparison(images, reconstruct(images).numpy(), figure,
-                             title=f"{name} after {trained / 60:.0f} min of CPU training: held-out real slices "
+                             title=f"{label} after {trained / 60:.0f} min of CPU training: held-out real slices "
                                    f"(test mean SSIM {values.mean():.4f}, inside the brain {brain.mean():.4f}, over "
                                    f"{len(values)} images)")
-    return {"model": name, "minutes": round(trained / 60, 2), "steps": steps, "images_seen": steps * batch,
-            "params": model.count_params(), "ssim_mean": float(values.mean()), "ssim_std": float(values.std()),
+    if name == "keras.io":
+        perplexity, used, codes = None, None, 64
+    else:
+        (perplexity, used), codes = brain_code_usage(model, held_out), model.num_codes
+    return {"model": label, "architecture": name, "options": options or {}, "schedule": schedule, "lr": lr,
+            "grid": "32x32" if name == "ours-32" else "64x64", "minutes": round(trained / 60, 2), "steps": steps,
+            "images_seen": steps * batch, "params": model.count_params(), "bits_per_code": float(np.log2(codes)),
+            "perplexity_brain": perplexity, "codes_used_brain": used,
+            "minutes_to_0.90": None if reached is None else round(reached / 60, 2), "ssim_mean": float(values.mean()), "ssim_std": float(values.std()),
             "ssim_brain_mean": float(brain.mean()), "ssim_brain_std": float(brain.std()),
             "psnr_mean": float(scores["psnr"].mean()), "psnr_brain_mean": float(brain_psnr.mean()),
-            "n_test": int(len(values)), "seconds_to_090": None if reached is None else round(reached, 1),
-            "curve": curve}
+            "n_test": int(len(values)), "curve": curve}
 
 
 def main(argv=None):
@@ -145,24 +185,51 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["ours-64", "keras.io", "ours-32"],
                         choices=["ours-64", "ours-32", "keras.io"], help="which models to train")
     parser.add_argument("--figure", default=None,
-                        help="save held-out reconstructions of the first model here (e.g. samples/reconstruction.png)")
+                        help="save held-out reconstructions of the last model here (e.g. samples/reconstruction.png)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a modules.VQVAE argument for our models (repeatable); VALUE is read as JSON, else "
+                             "as a string: --set loss=ssim_l1 --set normalize_codes=true --set decoder_channels=96")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the peak of a schedule)")
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning rate over the budget: constant, or 2%% linear warm-up then cosine to 0")
+    parser.add_argument("--label", default=None, help="suffix for the models' names in the table and JSON")
+    parser.add_argument("--compare", action="store_true",
+                        help="train each of our models twice, side by side: first as modules.VQVAE's defaults "
+                             "(today's model), then with --set and --schedule")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
+    options = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a bare string: --set loss=ssim_l1
     if not Path(args.data).is_dir():
         print(f"error: real data not found at {args.data}; pass --data with a folder of slices", file=sys.stderr)
         return 2
     source = dataset.load_source(args.data, seed=0)
     print(f"data: {args.data}: {source.counts()}, 256x256 canvas, {args.minutes} min per model")
-    results = [train_with_budget(name, source, args.minutes, figure=args.figure if i == 0 else None)
-               for i, name in enumerate(args.models)]
-    print(f"{'model':10s} {'grid':>6s} {'params':>9s} {'steps':>6s} {'SSIM mean +/- std':>20s} "
-          f"{'brain SSIM +/- std':>20s} {'brain PSNR':>10s} {'to 0.90':>9s}")
+    jobs = []  # (architecture, options, schedule, label)
+    for name in args.models:
+        if name == "keras.io":
+            jobs.append((name, None, "constant", name))
+            continue
+        if args.compare:
+            jobs.append((name, None, "constant", f"{name}+today"))
+        jobs.append((name, options, args.schedule, f"{name}+{args.label}" if args.label else name))
+    results = [train_with_budget(name, source, args.minutes, figure=args.figure if i == len(jobs) - 1 else None,
+                                 options=job_options, lr=args.lr, schedule=schedule, label=label)
+               for i, (name, job_options, schedule, label) in enumerate(jobs)]
+    print(f"{'model':16s} {'grid':>6s} {'params':>9s} {'steps':>6s} {'SSIM mean +/- std':>20s} "
+          f"{'brain SSIM +/- std':>20s} {'brain PSNR':>10s} {'bits':>5s} {'brain ppl':>9s} {'to 0.90':>9s}")
     for r in results:
-        grid = "32x32" if r["model"] == "ours-32" else "64x64"
-        to90 = "never" if r["seconds_to_090"] is None else f"{r['seconds_to_090'] / 60:.1f} min"
-        print(f"{r['model']:10s} {grid:>6s} {r['params']:9,d} {r['steps']:6d} "
+        to90 = "never" if r["minutes_to_0.90"] is None else f"{r['minutes_to_0.90']:.1f} min"
+        ppl = "-" if r["perplexity_brain"] is None else f"{r['perplexity_brain']:.0f}"
+        print(f"{r['model']:16s} {r['grid']:>6s} {r['params']:9,d} {r['steps']:6d} "
               f"{r['ssim_mean']:11.4f} +/- {r['ssim_std']:.4f} {r['ssim_brain_mean']:11.4f} +/- "
-              f"{r['ssim_brain_std']:.4f} {r['psnr_brain_mean']:7.2f} dB {to90:>9s}")
+              f"{r['ssim_brain_std']:.4f} {r['psnr_brain_mean']:7.2f} dB {r['bits_per_code']:5.1f} {ppl:>9s} "
+              f"{to90:>9s}")
     if args.json:
         print(json.dumps({"results": results, "cpu_count": __import__("os").cpu_count(), "data": args.data}))
     return 0

@@ -36,6 +36,76 @@ def test_straight_through_gradient_reaches_the_input():
     np.testing.assert_allclose(tape.gradient(out, z).numpy(), weights.numpy(), atol=1e-6)  # identity
 
 
+def test_rotation_trick_returns_the_codes_and_rotates_the_gradient():
+    rng = np.random.default_rng(0)
+    z = tf.constant(rng.normal(size=(6, 4)).astype(np.float32))
+    q = tf.constant(rng.normal(size=(6, 4)).astype(np.float32) * 3.0)
+    q_hat = q / tf.norm(q, axis=-1, keepdims=True)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        out = modules.rotate_to(z, q)
+        # A gradient along q's direction comes back along z's, scaled by |q| / |z|:
+        # the rotation maps z's direction onto q's, and its transpose maps q's back.
+        target = tf.reduce_sum(out * q_hat)
+    np.testing.assert_allclose(out.numpy(), q.numpy(), atol=1e-5)
+    expected = (z / tf.norm(z, axis=-1, keepdims=True)) * tf.norm(q, axis=-1, keepdims=True) / tf.norm(
+        z, axis=-1, keepdims=True)
+    np.testing.assert_allclose(tape.gradient(target, z).numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_quantizer_with_rotation_gives_the_codes_and_a_gradient_unlike_straight_through():
+    rng = np.random.default_rng(0)
+    z = tf.constant(rng.normal(size=(5, 2)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(5, 2)).astype(np.float32))
+    grads, values = {}, {}
+    for gradient in modules.GRADIENTS:
+        vq = quantizer(ema=False, gradient=gradient)
+        vq.codebook.assign(np.array([[0, 0], [1, 0], [0, 1]], np.float32))
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            values[gradient], _ = vq(z)
+            out = tf.reduce_sum(values[gradient] * weights)
+        grads[gradient] = tape.gradient(out, z).numpy()
+    np.testing.assert_allclose(values["rotation"].numpy(), values["straight_through"].numpy(), atol=1e-6)
+    assert np.all(np.isfinite(grads["rotation"])) and not np.allclose(grads["rotation"], grads["straight_through"])
+
+
+def test_normalized_lookup_keeps_a_unit_codebook_and_picks_by_angle():
+    vq = quantizer(k=4, d=3, normalize=True, decay=0.5, seed=0)
+    z = tf.constant(np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32) * 5.0)
+    vq(z, training=True)
+    vq(z * 0.1, training=True)
+    np.testing.assert_allclose(np.linalg.norm(vq.codebook.numpy(), axis=1), 1.0, atol=1e-5)
+    # A vector and the same vector 100 times longer have the same code.
+    _, near = vq(z)
+    _, far = vq(z * 100.0)
+    np.testing.assert_array_equal(near.numpy(), far.numpy())
+
+
+def test_brain_loss_weighs_errors_inside_the_brain_more():
+    brain = tf.pad(tf.fill((1, 16, 16, 1), 0.6), [[0, 0], [8, 8], [8, 8], [0, 0]])  # 32x32, brain in the middle
+    assert float(modules.brain_loss(brain, brain)) == pytest.approx(0.0, abs=1e-6)
+    spot = tf.pad(tf.fill((1, 4, 4, 1), 0.3), [[0, 0], [14, 14], [14, 14], [0, 0]])
+    corner = tf.pad(tf.fill((1, 4, 4, 1), 0.3), [[0, 0], [0, 28], [0, 28], [0, 0]])
+    assert float(modules.brain_loss(brain, brain + spot)) > 5 * float(modules.brain_loss(brain, brain + corner)) > 0
+
+
+def test_vqvae_options_train_and_round_trip():
+    model = modules.VQVAE(downsample=2, channels=8, res_channels=4, num_codes=8, code_dim=4, seed=0, loss="ssim_l1",
+                          normalize_codes=True, gradient="rotation", decoder_channels=12, decoder_res_blocks=1)
+    images = tf.random.uniform((2, 16, 16, 1), seed=1)
+    model.build(images.shape)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    logs = model.train_on_batch(images, return_dict=True)
+    assert np.isfinite(logs["loss"])
+    assert modules.VQVAE.from_config(model.get_config()).get_config() == model.get_config()
+    assert len(model.decoder.layers) == 1 + 1 + 1 + 1  # from_codes, one residual block, relu, up0
+    with pytest.raises(ValueError, match="Received: loss='l2'"):
+        modules.VQVAE(loss="l2")
+    with pytest.raises(ValueError, match="Received: gradient='gumbel'"):
+        modules.VectorQuantizer(gradient="gumbel")
+
+
 def test_encoder_gets_gradients_in_a_vqvae():
     model = modules.VQVAE(downsample=2, channels=8, res_channels=4, num_codes=8, code_dim=4, seed=0)
     images = tf.random.uniform((2, 16, 16, 1), seed=1)
