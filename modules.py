@@ -2,14 +2,16 @@
 
     images (B, S, S, 1) in [0, 1]
       -> Encoder: strided convolutions + residual blocks -> z (B, S/f, S/f, D)
-      -> VectorQuantizer: nearest of K codes, straight-through -> indices (B, S/f, S/f)
+      -> VectorQuantizer: nearest of K codes (optionally by angle), straight-through
+         or rotation-trick gradients -> indices (B, S/f, S/f)
       -> Decoder: residual blocks + transposed convolutions -> reconstruction (B, S, S, 1)
 
 The downsampling factor f sets the code grid (f=4 gives 64x64 codes at 256 px,
 f=8 gives 32x32). The codebook learns by exponential moving averages by
 default (as Sonnet's VectorQuantizerEMA), restarts codes that fall out of use,
 and its usage is reported as perplexity and the fraction of codes in use.
-Reconstruction quality (SSIM and PSNR, whole image and inside the brain)
+The reconstruction loss is whole-image MSE or `brain_loss`, SSIM and L1
+aimed inside the brain. Reconstruction quality (SSIM and PSNR, whole image and inside the brain)
 comes from `metrics.py`.
 """
 
@@ -85,6 +87,11 @@ def rotate_to(z, q, epsilon=1e-6):
 
     Returns:
         (N, D) float32, equal to `q` in value.
+
+    Example:
+    >>> z, q = keras.ops.array([[1.0, 0.0]]), keras.ops.array([[0.0, 2.0]])
+    >>> keras.ops.convert_to_numpy(rotate_to(z, q)).tolist()
+    [[0.0, 2.0]]
     """
     sg = ops.stop_gradient
     z_norm = ops.maximum(ops.norm(z, axis=-1, keepdims=True), epsilon)
@@ -92,8 +99,10 @@ def rotate_to(z, q, epsilon=1e-6):
     u, q_hat = sg(z / z_norm), sg(q / q_norm)
     w = sg(l2_normalize(u + q_hat, epsilon))
     rotated = (z - 2.0 * ops.sum(z * w, axis=-1, keepdims=True) * w
-               + 2.0 * ops.sum(z * u, axis=-1, keepdims=True) * q_hat)
-    return rotated * sg(q_norm / z_norm)
+               + 2.0 * ops.sum(z * u, axis=-1, keepdims=True) * q_hat) * sg(q_norm / z_norm)
+    # The value is q exactly (also for z or q shorter than epsilon, where the
+    # rotation is not defined); only the gradient comes from the rotation.
+    return sg(q) + (rotated - sg(rotated))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -101,7 +110,8 @@ class VectorQuantizer(keras.layers.Layer):
     """Maps each D-vector to its nearest of K codebook vectors.
 
     The nearest-code search runs in float32 whatever the dtype policy. The
-    output passes gradients straight through to the input (z + sg(q - z)).
+    output passes gradients straight through to the input (z + sg(q - z)),
+    or rotated by the rotation trick (`gradient="rotation"`, `rotate_to`).
     With `return_loss=True` the layer also returns the commitment loss
     `beta * |z - sg(q)|^2` (plus the codebook loss `|sg(z) - q|^2` when the
     codebook is learnt by gradient), against the codes `q` this call used:
@@ -215,16 +225,21 @@ class VectorQuantizer(keras.layers.Layer):
         # Training updates so far: with `seed`, keys the restarts' random draws.
         self.updates = self.add_weight(shape=(), initializer="zeros", name="updates", **state)
 
+    def codes(self):
+        """The code vectors (K, D) float32: the codebook, on the unit sphere when `normalize`."""
+        return l2_normalize(self.codebook) if self.normalize else ops.convert_to_tensor(self.codebook)
+
     def nearest(self, flat):
         """Nearest codes of (N, D) float32 vectors: (indices int32 (N,), squared distances (N,))."""
+        codes = self.codes()
         distances = (ops.sum(flat**2, axis=1, keepdims=True)
-                     - 2.0 * ops.matmul(flat, ops.transpose(self.codebook))
-                     + ops.sum(self.codebook**2, axis=1)[None, :])
+                     - 2.0 * ops.matmul(flat, ops.transpose(codes))
+                     + ops.sum(codes**2, axis=1)[None, :])
         return ops.cast(ops.argmin(distances, axis=1), "int32"), ops.maximum(ops.min(distances, axis=1), 0.0)
 
     def lookup(self, indices):
         """Code vectors (..., D) of integer indices (...)."""
-        return ops.take(self.codebook, indices, axis=0)
+        return ops.take(self.codes(), indices, axis=0)
 
     def quantization_loss(self, z, quantized):
         """The commitment loss of inputs `z` to their codes `quantized` (plus the codebook loss without EMA).
@@ -272,8 +287,6 @@ class VectorQuantizer(keras.layers.Layer):
             total = ops.sum(ema_counts)
             smoothed = (ema_counts + self.epsilon) / (total + k * self.epsilon) * total
             codebook = ema_sums / smoothed[:, None]
-            if self.normalize:
-                codebook = l2_normalize(codebook)
         usage = self.usage_decay * self.usage + (1.0 - self.usage_decay) * share
         dead = ops.logical_or(usage < self.dead_threshold / k, self.initialized < 0.5)
         sample = self._restart_samples(flat, distances)
@@ -476,6 +489,8 @@ class VQVAE(keras.Model):
             as Zhao et al. 2017).
         normalize_codes: l2-normalised code lookup (see `VectorQuantizer`).
         gradient: gradient through the quantizer (see `VectorQuantizer`).
+        background_weight: with `loss="ssim_l1"`, the L1 weight of the pixels
+            outside the brain (`brain_loss`'s `background`).
         decoder_channels: the decoder's channels (None: `channels`).
         decoder_res_blocks: the decoder's residual blocks (None: `res_blocks`).
 
@@ -487,8 +502,8 @@ class VQVAE(keras.Model):
 
     def __init__(self, downsample=4, channels=64, res_blocks=2, res_channels=32, num_codes=512, code_dim=64,
                  beta=0.25, codebook="ema", decay=0.99, dead_threshold=0.03, seed=None, loss="mse",
-                 normalize_codes=False, gradient="straight_through", decoder_channels=None, decoder_res_blocks=None,
-                 **kwargs):
+                 normalize_codes=False, gradient="straight_through", background_weight=0.1, decoder_channels=None,
+                 decoder_res_blocks=None, **kwargs):
         super().__init__(**kwargs)
         if codebook not in ("ema", "loss"):
             raise ValueError(f"codebook must be 'ema' or 'loss'. Received: codebook={codebook!r}")
@@ -498,6 +513,7 @@ class VQVAE(keras.Model):
                       "res_channels": res_channels, "num_codes": num_codes, "code_dim": code_dim, "beta": beta,
                       "codebook": codebook, "decay": decay, "dead_threshold": dead_threshold, "seed": seed,
                       "loss": loss, "normalize_codes": normalize_codes, "gradient": gradient,
+                      "background_weight": background_weight,
                       "decoder_channels": decoder_channels, "decoder_res_blocks": decoder_res_blocks}
         self.downsample = downsample
         self.num_codes = num_codes
@@ -541,7 +557,7 @@ class VQVAE(keras.Model):
         reconstructions = self.decoder(quantized, training=training)
         images, predicted = ops.cast(images, "float32"), ops.cast(reconstructions, "float32")
         if self.loss_name == "ssim_l1":
-            recon_loss = brain_loss(images, predicted, mask=mask)
+            recon_loss = brain_loss(images, predicted, background=self.hyper["background_weight"], mask=mask)
         else:
             recon_loss = ops.mean((images - predicted) ** 2)
         return reconstructions, indices, recon_loss, vq_loss

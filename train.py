@@ -681,7 +681,7 @@ def train_pixelcnn(args, log=print):
         prior({"codes": tf.zeros((1, *grid_shape), tf.int32), "slice": tf.zeros((1,), tf.int32),
                "label": tf.zeros((1,), tf.int32)})
         if not resuming:  # a resumed run restores its own weights
-            prior.init_from_codebook(keras.ops.convert_to_numpy(vqvae.quantizer.codebook))
+            prior.init_from_codebook(keras.ops.convert_to_numpy(vqvae.quantizer.codes()))
         prior.compile(optimizer=keras.optimizers.Adam(args.lr),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=[modules.BitsPerCode()], jit_compile=jit_flag(args))

@@ -228,7 +228,7 @@ def main(argv=None):
 
     codes = runs.encode_split(vqvae, source.splits["train"], size, fit)
     grid, k = codes.shape[1:], vqvae.num_codes
-    codebook = vqvae.quantizer.codebook.numpy()
+    codebook = keras.ops.convert_to_numpy(vqvae.quantizer.codes())
     sizes = bench_prior.SIZES[args.size]
     train_labels, num_classes = None, 0
     if args.condition == "label":

@@ -210,17 +210,17 @@ def main(argv=None):
         return 2
     source = dataset.load_source(args.data, seed=0)
     print(f"data: {args.data}: {source.counts()}, 256x256 canvas, {args.minutes} min per model")
-    jobs = []  # (architecture, options, schedule, label)
+    jobs = []  # (architecture, options, schedule, learning rate, label); today's model as it was: Adam 1e-3
     for name in args.models:
         if name == "keras.io":
-            jobs.append((name, None, "constant", name))
+            jobs.append((name, None, "constant", 1e-3, name))
             continue
         if args.compare:
-            jobs.append((name, None, "constant", f"{name}+today"))
-        jobs.append((name, options, args.schedule, f"{name}+{args.label}" if args.label else name))
+            jobs.append((name, None, "constant", 1e-3, f"{name}+today"))
+        jobs.append((name, options, args.schedule, args.lr, f"{name}+{args.label}" if args.label else name))
     results = [train_with_budget(name, source, args.minutes, figure=args.figure if i == len(jobs) - 1 else None,
-                                 options=job_options, lr=args.lr, schedule=schedule, label=label)
-               for i, (name, job_options, schedule, label) in enumerate(jobs)]
+                                 options=job_options, lr=lr, schedule=schedule, label=label)
+               for i, (name, job_options, schedule, lr, label) in enumerate(jobs)]
     print(f"{'model':16s} {'grid':>6s} {'params':>9s} {'steps':>6s} {'SSIM mean +/- std':>20s} "
           f"{'brain SSIM +/- std':>20s} {'brain PSNR':>10s} {'bits':>5s} {'brain ppl':>9s} {'to 0.90':>9s}")
     for r in results:

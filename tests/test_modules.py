@@ -36,50 +36,76 @@ def test_straight_through_gradient_reaches_the_input():
     np.testing.assert_allclose(tape.gradient(out, z).numpy(), weights.numpy(), atol=1e-6)  # identity
 
 
+def rotation_matrix(z, q):
+    """R = I - 2 w w^T + 2 q^ u^T of the rotation trick, one (D, D) matrix per row, in NumPy."""
+    u = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    q_hat = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    w = (u + q_hat) / np.linalg.norm(u + q_hat, axis=-1, keepdims=True)
+    eye = np.eye(z.shape[-1])[None]
+    return eye - 2 * w[:, :, None] * w[:, None, :] + 2 * q_hat[:, :, None] * u[:, None, :]
+
+
 def test_rotation_trick_returns_the_codes_and_rotates_the_gradient():
     rng = np.random.default_rng(0)
-    z = tf.constant(rng.normal(size=(6, 4)).astype(np.float32))
-    q = tf.constant(rng.normal(size=(6, 4)).astype(np.float32) * 3.0)
-    q_hat = q / tf.norm(q, axis=-1, keepdims=True)
+    z = rng.normal(size=(6, 4)).astype(np.float32)
+    q = rng.normal(size=(6, 4)).astype(np.float32) * 3.0
+    upstream = rng.normal(size=(6, 4)).astype(np.float32)
+    z_var = tf.constant(z)
     with tf.GradientTape() as tape:
-        tape.watch(z)
-        out = modules.rotate_to(z, q)
-        # A gradient along q's direction comes back along z's, scaled by |q| / |z|:
-        # the rotation maps z's direction onto q's, and its transpose maps q's back.
-        target = tf.reduce_sum(out * q_hat)
-    np.testing.assert_allclose(out.numpy(), q.numpy(), atol=1e-5)
-    expected = (z / tf.norm(z, axis=-1, keepdims=True)) * tf.norm(q, axis=-1, keepdims=True) / tf.norm(
-        z, axis=-1, keepdims=True)
-    np.testing.assert_allclose(tape.gradient(target, z).numpy(), expected.numpy(), atol=1e-5)
+        tape.watch(z_var)
+        out = modules.rotate_to(z_var, tf.constant(q))
+        target = tf.reduce_sum(out * upstream)
+    np.testing.assert_array_equal(out.numpy(), q)  # the codes themselves, not a rounding of them
+    rotation = rotation_matrix(z.astype(np.float64), q.astype(np.float64))
+    np.testing.assert_allclose(np.einsum("nij,ni->nj", rotation, rotation), np.broadcast_to(np.eye(4), (6, 4, 4)),
+                               atol=1e-9)  # orthogonal
+    u, q_hat = (v / np.linalg.norm(v, axis=-1, keepdims=True) for v in (z, q))
+    np.testing.assert_allclose(np.einsum("nij,nj->ni", rotation, u), q_hat, atol=1e-6)  # z's direction onto q's
+    scale = np.linalg.norm(q, axis=-1, keepdims=True) / np.linalg.norm(z, axis=-1, keepdims=True)
+    expected = scale * np.einsum("nij,ni->nj", rotation, upstream)  # (|q| / |z|) R^T g
+    np.testing.assert_allclose(tape.gradient(target, z_var).numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_quantizer_with_rotation_gives_the_codes_and_a_gradient_unlike_straight_through():
+def test_quantizer_with_rotation_gives_the_codes_and_a_rotated_gradient():
     rng = np.random.default_rng(0)
+    codebook = np.array([[1, 0], [0, 1], [-1, -1]], np.float32)
     z = tf.constant(rng.normal(size=(5, 2)).astype(np.float32))
-    weights = tf.constant(rng.normal(size=(5, 2)).astype(np.float32))
+    weights = rng.normal(size=(5, 2)).astype(np.float32)
     grads, values = {}, {}
     for gradient in modules.GRADIENTS:
         vq = quantizer(ema=False, gradient=gradient)
-        vq.codebook.assign(np.array([[0, 0], [1, 0], [0, 1]], np.float32))
+        vq.codebook.assign(codebook)
         with tf.GradientTape() as tape:
             tape.watch(z)
-            values[gradient], _ = vq(z)
+            values[gradient], indices = vq(z)
             out = tf.reduce_sum(values[gradient] * weights)
         grads[gradient] = tape.gradient(out, z).numpy()
-    np.testing.assert_allclose(values["rotation"].numpy(), values["straight_through"].numpy(), atol=1e-6)
-    assert np.all(np.isfinite(grads["rotation"])) and not np.allclose(grads["rotation"], grads["straight_through"])
+    np.testing.assert_array_equal(values["rotation"].numpy(), values["straight_through"].numpy())
+    np.testing.assert_allclose(grads["straight_through"], weights, atol=1e-6)
+    q = codebook[indices.numpy()]
+    scale = np.linalg.norm(q, axis=-1, keepdims=True) / np.linalg.norm(z.numpy(), axis=-1, keepdims=True)
+    expected = scale * np.einsum("nij,ni->nj", rotation_matrix(z.numpy(), q), weights)
+    np.testing.assert_allclose(grads["rotation"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_normalized_lookup_keeps_a_unit_codebook_and_picks_by_angle():
-    vq = quantizer(k=4, d=3, normalize=True, decay=0.5, seed=0)
-    z = tf.constant(np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32) * 5.0)
-    vq(z, training=True)
-    vq(z * 0.1, training=True)
-    np.testing.assert_allclose(np.linalg.norm(vq.codebook.numpy(), axis=1), 1.0, atol=1e-5)
-    # A vector and the same vector 100 times longer have the same code.
-    _, near = vq(z)
-    _, far = vq(z * 100.0)
-    np.testing.assert_array_equal(near.numpy(), far.numpy())
+def test_rotation_of_a_zero_vector_still_gives_the_code():
+    out = modules.rotate_to(tf.zeros((1, 3)), tf.constant([[0.0, 2.0, 0.0]]))
+    np.testing.assert_array_equal(out.numpy(), [[0.0, 2.0, 0.0]])
+
+
+def test_normalized_lookup_picks_by_angle_and_keeps_unit_codes():
+    z = tf.constant([[0.3, 0.4]])  # Euclidean: nearest to (1, 0); by angle: nearest to (0, 5)
+    for normalize, expected in ((False, 0), (True, 1)):
+        vq = quantizer(k=2, d=2, ema=False, normalize=normalize)
+        vq.codebook.assign(np.array([[1, 0], [0, 5]], np.float32))
+        _, indices = vq(z)
+        assert int(indices[0]) == expected
+    np.testing.assert_allclose(vq.lookup(tf.constant([1])).numpy(), [[0.0, 1.0]], atol=1e-6)
+    trained = quantizer(k=4, d=3, normalize=True, decay=0.5, seed=0)
+    batch = tf.constant(np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32) * 5.0)
+    trained(batch, training=True)
+    trained(batch * 0.1, training=True)
+    np.testing.assert_allclose(np.linalg.norm(trained.codes().numpy(), axis=1), 1.0, atol=1e-5)
 
 
 def test_brain_loss_weighs_errors_inside_the_brain_more():
@@ -93,11 +119,19 @@ def test_brain_loss_weighs_errors_inside_the_brain_more():
 def test_vqvae_options_train_and_round_trip():
     model = modules.VQVAE(downsample=2, channels=8, res_channels=4, num_codes=8, code_dim=4, seed=0, loss="ssim_l1",
                           normalize_codes=True, gradient="rotation", decoder_channels=12, decoder_res_blocks=1)
-    images = tf.random.uniform((2, 16, 16, 1), seed=1)
+    # A slice on a wide black canvas: the encoder's outputs far from the slice are exactly zero at the start.
+    images = tf.pad(tf.random.uniform((2, 16, 16, 1), seed=1), [[0, 0], [16, 16], [16, 16], [0, 0]])
     model.build(images.shape)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    with tf.GradientTape() as tape:
+        _, _, recon_loss, vq_loss = model._forward(images, metrics.brain_mask(images), training=True)
+    grads = tape.gradient(recon_loss + vq_loss, model.trainable_variables)
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
     logs = model.train_on_batch(images, return_dict=True)
     assert np.isfinite(logs["loss"])
+    np.testing.assert_allclose(model.decode(model.encode(images)).numpy(), model.reconstruct(images).numpy(),
+                               atol=1e-6)
+    assert model.decoder.get_layer("from_codes").filters == 12
     assert modules.VQVAE.from_config(model.get_config()).get_config() == model.get_config()
     assert len(model.decoder.layers) == 1 + 1 + 1 + 1  # from_codes, one residual block, relu, up0
     with pytest.raises(ValueError, match="Received: loss='l2'"):
