@@ -402,14 +402,15 @@ def build_decoder(downsample=4, channels=64, res_blocks=2, res_channels=32):
     return keras.Sequential(layers, name="decoder")
 
 
-def brain_loss(images, reconstructions, alpha=0.84, background=0.1, mask=None):
+def brain_loss(images, reconstructions, alpha=0.84, background=1.0, mask=None):
     """Reconstruction loss aimed inside the brain: `alpha (1 - SSIM) + (1 - alpha) L1`.
 
-    The mix of Zhao et al. (2017) with both terms weighted towards the
+    The mix of Zhao et al. (2017) with the terms aimed at the
     brain (`metrics.brain_mask` of the originals): SSIM is averaged over the
     mask, the score `metrics.image_quality` reports, and L1 weights the
-    mask by 1 and the rest of the canvas by `background`, enough to keep
-    it black. Reconstructions are
+    mask by 1 and the rest of the canvas by `background`, which keeps it
+    black (at 0.1 a faint haze stays there and costs whole-image SSIM:
+    measured in the README). Reconstructions are
     not clipped, so the gradient does not vanish outside [0, 1].
 
     Args:
@@ -502,7 +503,7 @@ class VQVAE(keras.Model):
 
     def __init__(self, downsample=4, channels=64, res_blocks=2, res_channels=32, num_codes=512, code_dim=64,
                  beta=0.25, codebook="ema", decay=0.99, dead_threshold=0.03, seed=None, loss="mse",
-                 normalize_codes=False, gradient="straight_through", background_weight=0.1, decoder_channels=None,
+                 normalize_codes=False, gradient="straight_through", background_weight=1.0, decoder_channels=None,
                  decoder_res_blocks=None, **kwargs):
         super().__init__(**kwargs)
         if codebook not in ("ema", "loss"):

@@ -479,7 +479,8 @@ def vqvae_config(args, source, counts):
         "vqvae": {"downsample": args.downsample, "channels": args.channels, "res_blocks": args.res_blocks,
                   "res_channels": args.res_channels, "num_codes": args.codes, "code_dim": args.code_dim,
                   "beta": args.beta, "codebook": args.codebook, "decay": args.decay, "seed": args.seed,
-                  "loss": args.loss, "normalize_codes": args.normalize_codes, "gradient": args.gradient},
+                  "loss": args.loss, "background_weight": args.background_weight,
+                  "normalize_codes": args.normalize_codes, "gradient": args.gradient},
         "counts": counts,
     }
 
@@ -791,6 +792,9 @@ def parse_args(argv=None):
     vq.add_argument("--loss", choices=modules.LOSSES, default="ssim_l1",
                     help="reconstruction loss: ssim_l1 (0.84 (1 - SSIM inside the brain) + 0.16 L1 weighted to the "
                          "brain, modules.brain_loss) or mse (over the whole image, the model before issue 13)")
+    vq.add_argument("--background-weight", type=float, default=1.0,
+                    help="with --loss ssim_l1, the L1 weight of the pixels outside the brain (inside: 1); lower "
+                         "values leave a faint haze on the black canvas that costs whole-image SSIM")
     vq.add_argument("--normalize-codes", action=argparse.BooleanOptionalAction, default=True,
                     help="l2-normalised code lookup (codes and encoder outputs on the unit sphere, as ViT-VQGAN); "
                          "--no-normalize-codes for the plain Euclidean lookup")
