@@ -475,14 +475,17 @@ def vqvae_config(args, source, counts):
         "data": str(source.root), "source": source.kind, "fit": args.fit, "seed": args.seed,
         "split_seed": args.split_seed, "skip_bad": bool(args.skip_bad), "limit": args.limit,
         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
-        "learning_rate": args.lr,
-        "vqvae": {"downsample": args.downsample, "channels": args.channels, "res_blocks": args.res_blocks,
-                  "res_channels": args.res_channels, "num_codes": args.codes, "code_dim": args.code_dim,
-                  "beta": args.beta, "codebook": args.codebook, "decay": args.decay, "seed": args.seed,
-                  "loss": args.loss, "background_weight": args.background_weight,
-                  "normalize_codes": args.normalize_codes, "gradient": args.gradient},
-        "counts": counts,
+        "learning_rate": args.lr, "vqvae": vqvae_options(args), "counts": counts,
     }
+
+
+def vqvae_options(args):
+    """The `modules.VQVAE` arguments the flags in `args` ask for (`parse_args([])`: the defaults)."""
+    return {"downsample": args.downsample, "channels": args.channels, "res_blocks": args.res_blocks,
+            "res_channels": args.res_channels, "num_codes": args.codes, "code_dim": args.code_dim,
+            "beta": args.beta, "codebook": args.codebook, "decay": args.decay, "seed": args.seed,
+            "loss": args.loss, "background_weight": args.background_weight,
+            "normalize_codes": args.normalize_codes, "gradient": args.gradient}
 
 
 def train_vqvae(args, log=print):

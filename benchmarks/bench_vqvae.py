@@ -18,14 +18,15 @@ with the code usage over the brain's positions (perplexity, codes used) and
 the raw rate, log2 K bits per code.
 
 Our models are built with `modules.VQVAE`'s own defaults (the model as it
-was before the brain-masked loss) unless `--set KEY=VALUE` says otherwise;
-`--set loss=ssim_l1 --set normalize_codes=true --set gradient=rotation` is
-what `train.py` uses by default. `--schedule cosine` tries a warm-up and
+was before the brain-masked loss), or with `--preset train` as `train.py`
+builds them by default (read from its parser, so the two cannot drift
+apart), then changed by `--set KEY=VALUE`. `--schedule cosine` tries a warm-up and
 cosine learning rate over the budget. The data are the real OASIS-
 derived slices in ../shared/data/alzheimer-mri-slices (or --data), split by
 the project's pipeline (seed 0), 176x208 slices centred on a 256x256 canvas.
 
-    python benchmarks/bench_vqvae.py [--minutes 10] [--models ours-64 ...] [--set KEY=VALUE ...] [--json]
+    python benchmarks/bench_vqvae.py [--minutes 10] [--models ours-64 ...] [--preset train] [--set KEY=VALUE ...]
+                                     [--compare] [--json]
 """
 
 import argparse
@@ -41,6 +42,7 @@ import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
 import runs  # noqa: E402
+import train as train_script  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -104,23 +106,38 @@ def learning_rate(peak, fraction, schedule, warmup=0.02):
     return peak * 0.5 * (1.0 + np.cos(np.pi * min(1.0, (fraction - warmup) / (1.0 - warmup))))
 
 
-def brain_code_usage(model, ds):
-    """Perplexity and codes used over the code positions whose patch touches the brain of the originals."""
-    counts = np.zeros(model.num_codes)
+def quality(reconstruct, ds, model=None):
+    """Per-image SSIM and PSNR over the whole image and inside the brain (`metrics.image_quality`).
+
+    With one of our `model`s, also the code counts over the grid positions
+    whose patch touches the brain of the originals, from the same brain mask
+    and the codes the reconstructions were decoded from: returns
+    (scores, counts), else scores.
+    """
+    def step(images):
+        mask = metrics.brain_mask(images)
+        if model is None:
+            return metrics.image_quality(images, reconstruct(images), mask=mask), None
+        codes = model.encode(images)
+        touched = tf.nn.max_pool2d(tf.cast(mask, tf.float32), model.downsample, model.downsample, "VALID")[..., 0]
+        counts = tf.math.bincount(tf.boolean_mask(codes, touched > 0), minlength=model.num_codes,
+                                  maxlength=model.num_codes, dtype=tf.float64)
+        return metrics.image_quality(images, model.decode(codes), mask=mask), counts
+
+    step = tf.function(step)
+    batches, counts = [], 0.0
     for images in ds:
-        codes = model.encode(images).numpy()
-        patch = model.downsample
-        mask = tf.nn.max_pool2d(tf.cast(metrics.brain_mask(images), tf.float32), patch, patch, "VALID")
-        counts += np.bincount(codes[mask.numpy()[..., 0] > 0], minlength=model.num_codes)
+        scores, batch_counts = step(images)
+        batches.append({k: v.numpy() for k, v in scores.items()})
+        counts = counts if batch_counts is None else counts + batch_counts.numpy()
+    scores = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    return scores if model is None else (scores, counts)
+
+
+def usage(counts):
+    """Perplexity and number of codes used, from code counts."""
     p = counts[counts > 0] / counts.sum()
     return float(np.exp(-(p * np.log(p)).sum())), int((counts > 0).sum())
-
-
-def quality(reconstruct, ds):
-    """Per-image SSIM and PSNR over the whole image and inside the brain (`metrics.image_quality`)."""
-    step = tf.function(lambda images: metrics.image_quality(images, reconstruct(images)))
-    batches = [{k: v.numpy() for k, v in step(images).items()} for images in ds]
-    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
 
 
 def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.0, figure=None, log=print,
@@ -153,7 +170,12 @@ def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.
             log(f"  {label}: {trained / 60:5.1f} min trained, {steps} steps, probe SSIM {ssim:.4f}, "
                 f"inside the brain {ssim_brain:.4f}")
             next_probe += probe_every
-    scores = quality(reconstruct, held_out)
+    if name == "keras.io":
+        scores, perplexity, used = quality(reconstruct, held_out), None, None
+        codes = next(layer for layer in model.layers if isinstance(layer, KerasIOQuantizer)).num_codes
+    else:
+        scores, counts = quality(reconstruct, held_out, model)
+        (perplexity, used), codes = usage(counts), model.num_codes
     values, brain = scores["ssim"], scores["ssim_brain"][np.isfinite(scores["ssim_brain"])]
     brain_psnr = scores["psnr_brain"][np.isfinite(scores["psnr_brain"])]
     if figure:
@@ -164,18 +186,36 @@ def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.
                              title=f"{label} after {trained / 60:.0f} min of CPU training: held-out real slices "
                                    f"(test mean SSIM {values.mean():.4f}, inside the brain {brain.mean():.4f}, over "
                                    f"{len(values)} images)")
-    if name == "keras.io":
-        perplexity, used, codes = None, None, 64
-    else:
-        (perplexity, used), codes = brain_code_usage(model, held_out), model.num_codes
     return {"model": label, "architecture": name, "options": options or {}, "schedule": schedule, "lr": lr,
             "grid": "32x32" if name == "ours-32" else "64x64", "minutes": round(trained / 60, 2), "steps": steps,
             "images_seen": steps * batch, "params": model.count_params(), "bits_per_code": float(np.log2(codes)),
             "perplexity_brain": perplexity, "codes_used_brain": used,
-            "minutes_to_0.90": None if reached is None else round(reached / 60, 2), "ssim_mean": float(values.mean()), "ssim_std": float(values.std()),
+            "minutes_to_0.90": None if reached is None else round(reached / 60, 2),
+            "ssim_mean": float(values.mean()), "ssim_std": float(values.std()),
             "ssim_brain_mean": float(brain.mean()), "ssim_brain_std": float(brain.std()),
             "psnr_mean": float(scores["psnr"].mean()), "psnr_brain_mean": float(brain_psnr.mean()),
             "n_test": int(len(values)), "curve": curve}
+
+
+def model_options(preset="model", settings=()):
+    """Our models' `modules.VQVAE` options: a preset changed by `KEY=VALUE` settings.
+
+    preset "model" starts from the constructor's defaults (no options),
+    "train" from what `train.py` builds by default, but for the grid (the
+    model's name says it) and the seed (0 here). A VALUE is read as JSON,
+    else as a string: `loss=ssim_l1`.
+    """
+    options = {}
+    if preset == "train":
+        options = {key: value for key, value in train_script.vqvae_options(train_script.parse_args([])).items()
+                   if key not in ("downsample", "seed")}
+    for item in settings:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def main(argv=None):
@@ -186,6 +226,9 @@ def main(argv=None):
                         choices=["ours-64", "ours-32", "keras.io"], help="which models to train")
     parser.add_argument("--figure", default=None,
                         help="save held-out reconstructions of the last model here (e.g. samples/reconstruction.png)")
+    parser.add_argument("--preset", choices=["model", "train"], default="model",
+                        help="our models' starting options: modules.VQVAE's constructor defaults (model, today's "
+                             "model) or what train.py builds by default (train); --set changes them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a modules.VQVAE argument for our models (repeatable); VALUE is read as JSON, else "
                              "as a string: --set loss=ssim_l1 --set normalize_codes=true --set decoder_channels=96")
@@ -195,16 +238,10 @@ def main(argv=None):
     parser.add_argument("--label", default=None, help="suffix for the models' names in the table and JSON")
     parser.add_argument("--compare", action="store_true",
                         help="train each of our models twice, side by side: first as modules.VQVAE's defaults "
-                             "(today's model), then with --set and --schedule")
+                             "(today's model), then with --preset, --set and --schedule")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
-    options = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value  # a bare string: --set loss=ssim_l1
+    options = model_options(args.preset, args.set)
     if not Path(args.data).is_dir():
         print(f"error: real data not found at {args.data}; pass --data with a folder of slices", file=sys.stderr)
         return 2
