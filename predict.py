@@ -4,6 +4,8 @@ or generate new slices with the PixelCNN prior.
     python predict.py                          # runs/latest, test split
     python predict.py --run runs/X --split all --data /other/folder --save-images
     python predict.py --generate 16 [--slice 16] [--temperature 1.0]
+    python predict.py --compress FOLDER_OR_FILE --out slices.bvq
+    python predict.py --decompress slices.bvq --out DIR
 
 Every image of the split is encoded to codes, decoded, and compared with the
 original at the model's input resolution: SSIM (`tf.image.ssim`, max_val=1,
@@ -29,18 +31,25 @@ precision, recall, density and coverage (k=5), MS-SSIM diversity beside the
 real slices', a texture Frechet distance inside the brain, and two
 classifier two-sample tests (against real slices, and against the VQ-VAE's
 reconstructions of them: the prior alone). `--no-quality` skips them.
+
+With `--compress`, every slice under a folder is encoded and its code grid
+range-coded with the prior into one `.bvq` file (`codec.py`); `--decompress`
+decodes such a file, checks the code grids against the encoder's digest, and
+writes one PNG per slice, named and sized as the originals.
 """
 
 import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+import codec
 import dataset
 import metrics
 import modules
@@ -355,7 +364,8 @@ def parse_args(argv=None):
         description="Reconstruct a whole split with a trained VQ-VAE and report mean and std SSIM and PSNR over "
                     "every image, over the whole image and inside the brain; write a per-image CSV, a JSON "
                     "summary and a comparison figure. Or, with --generate N, sample new slices with the run's "
-                    "prior.",
+                    "prior; with --compress / --decompress, code slices into a .bvq file with the VQ-VAE and "
+                    "prior, and back.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run", default="runs/latest", help="run folder of a trained VQ-VAE")
     parser.add_argument("--checkpoint", default=None, help="a .keras VQ-VAE file instead of --run")
@@ -401,8 +411,24 @@ def parse_args(argv=None):
     gen.add_argument("--no-quality", action="store_true",
                      help="skip the sample-quality metrics (FD and KID in the evaluation network's features, "
                           "precision/recall/density/coverage, MS-SSIM diversity, texture FD, two-sample tests)")
+    cod = parser.add_argument_group("codec (--compress / --decompress; needs the run's prior)")
+    cod.add_argument("--compress", metavar="FOLDER_OR_FILE", default=None,
+                     help="write the entropy-coded code grids of every slice under this folder (or of this one "
+                          "slice) to --out FILE.bvq")
+    cod.add_argument("--decompress", metavar="FILE.bvq", default=None,
+                     help="decode a .bvq file with the run it was written with; one PNG per slice under --out "
+                          "DIR, named and sized as the originals (pad fit)")
+    cod.add_argument("--chunk", type=int, default=codec.CHUNK,
+                     help="slices coded together (a batch of the prior's steps); stored in the file")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
+    if args.compress and args.decompress:
+        parser.error("pass --compress or --decompress, not both")
+    if (args.compress or args.decompress) and not args.out:
+        parser.error(f"--{'compress' if args.compress else 'decompress'} needs --out "
+                     f"({'the .bvq file to write' if args.compress else 'the folder to write PNGs to'})")
+    if args.chunk < 1:
+        parser.error(f"--chunk must be at least 1. Received: {args.chunk}")
     if args.generate is not None and args.generate < 1:
         parser.error(f"--generate must be at least 1. Received: {args.generate}")
     if args.temperature <= 0:
@@ -485,14 +511,226 @@ def run_reconstruction(args, log=print):
     return summary
 
 
+# ---------------------------------------------------------------------------
+# The codec: --compress / --decompress
+# ---------------------------------------------------------------------------
+
+
+def content_box(height, width, size, fit):
+    """Where `dataset.fit_image` puts a (height, width) image on its size x size canvas.
+
+    Mirrors `fit_image` in float32: "pad" shrinks an image larger than the
+    canvas (aspect kept) and centres it; "stretch" and "crop" fill the
+    whole canvas.
+
+    Args:
+        height: the image's rows.
+        width: its columns.
+        size: the canvas side.
+        fit: "pad", "stretch" or "crop".
+
+    Returns:
+        `(top, left, rows, columns)` of the image on the canvas.
+    """
+    if fit != "pad":
+        return 0, 0, size, size
+    hw = np.array([height, width], np.float32)
+    scale = np.minimum(np.float32(1.0), np.float32(size) / hw.max())
+    new = np.maximum(1, np.round(hw * scale).astype(int))
+    return (size - new[0]) // 2, (size - new[1]) // 2, int(new[0]), int(new[1])
+
+
+def _images_to_compress(target, config):
+    """The images to compress and the names their PNGs get.
+
+    Args:
+        target: a folder (every image under it, recursively) or one image.
+        config: the prior's run config; its "class_names" label the files
+            by their first folder below `target`, as training labelled them.
+
+    Returns:
+        `(split, names)`: the checked `dataset.Split`, and per file its path
+        relative to `target`.
+
+    Raises:
+        dataset.DataError: a missing target, no images, a damaged image, or
+            two files that would decompress to the same PNG.
+    """
+    target = Path(target)
+    if target.is_dir():
+        paths, root = dataset.list_images(target), target
+        if not paths:
+            raise dataset.DataError(f"no images found: {target} holds no .png/.jpg/.jpeg files. Pass a folder of "
+                                    "slices or one slice.")
+    elif target.is_file():
+        paths, root = [str(target)], target.parent
+    else:
+        raise dataset.DataError(f"--compress: {target} does not exist. Pass a folder of slices or one slice.")
+    classes = config.get("class_names", [])
+    labels = [classes.index(c) if (c := dataset._class_of(p, root)) in classes else -1 for p in paths]
+    split, _ = dataset.check_split("compress", dataset.make_split(paths, labels))
+    names = [Path(p).relative_to(root).as_posix() for p in split.paths]
+    seen = {}
+    for path, name in zip(split.paths, names):
+        png = Path(name).with_suffix(".png").as_posix()
+        if png in seen:
+            raise dataset.DataError(f"{path} and {seen[png]} would both decompress to {png}. Rename one of them.")
+        seen[png] = path
+    return split, names
+
+
+def compress(run, split, names, out, chunk=codec.CHUNK, log=print):
+    """Writes the entropy-coded code grids of a split's images to `out` (.bvq) with the run's VQ-VAE and prior.
+
+    Args:
+        run: a `runs.Run` with a trained VQ-VAE and prior.
+        split: a checked `dataset.Split` of the images.
+        names: per image, the name its PNG gets when decompressed.
+        out: the .bvq file to write (atomically).
+        chunk: slices coded together.
+        log: callable taking a progress line.
+
+    Returns:
+        The summary dict (the keys of `--compress --json`), with the code grids under "codes".
+    """
+    start = time.perf_counter()
+    vqvae, vq_config = run.load_vqvae(), run.config("vqvae")
+    prior, config = run.load_prior(), run.config("pixelcnn")
+    hyper = config["pixelcnn"]
+    image_size, fit = vq_config["image_size"], vq_config["fit"]
+    # The prior conditions on what the names and folders carry; out-of-range values mean "unknown" to it.
+    slices = np.where((split.slices >= 0) & (split.slices < hyper["num_slices"]), split.slices, -1)
+    labels = split.labels if hyper["num_classes"] else np.full(len(split), -1, np.int32)
+    codes = runs.encode_split(vqvae, split, image_size, fit).astype(np.int32)
+    height, width = codes.shape[1:]
+    sizes = [[(info := dataset.inspect_image(p)).height, info.width] for p in split.paths]
+    log(f"entropy coding {len(split)} {height}x{width} code grids with the prior")
+    bar = keras.utils.Progbar(len(codec.chunk_spans(len(split), chunk)) * height, unit_name="row", interval=0.5)
+    payload, words, ideal = codec.encode_grids(prior, codes, slices, labels, chunk=chunk,
+                                               progress=lambda: bar.add(1))
+    header = {"vqvae_sha1": run.vqvae_digest(), "prior_sha1": runs.file_digest(run.checkpoint("pixelcnn")),
+              "grid": [height, width], "num_codes": int(prior.num_codes), "image_size": image_size, "fit": fit,
+              "chunk": chunk, "jit_compile": True, "names": list(names), "sizes": sizes,
+              "slices": [int(v) for v in slices], "labels": [int(v) for v in labels], "chunk_words": words,
+              "codes_sha256": codec.grids_digest(codes), "ideal_bits": round(ideal, 3)}
+    size = codec.write(out, header, payload)
+    pixels = sum(h * w for h, w in sizes)
+    return {"n_slices": len(split), "bytes": size, "bits_per_pixel": 8 * size / pixels,
+            "bits_per_code": 8 * size / codes.size, "payload_bits_per_code": 32 * payload.size / codes.size,
+            "ideal_bits_per_code": ideal / codes.size, "raw_bits_per_code": float(np.log2(prior.num_codes)),
+            "out": str(out), "seconds": round(time.perf_counter() - start, 2), "codes": codes}
+
+
+def decompress(run, path, log=print):
+    """Decodes a .bvq file with the run it was written with.
+
+    Args:
+        run: the `runs.Run` whose VQ-VAE and prior wrote the file.
+        path: the .bvq file.
+        log: callable taking a progress line.
+
+    Returns:
+        `(header, grids, images)`: the file's header, the decoded code grids
+        (checked against the encoder's digest), and per slice its image,
+        float32 (h, w) in [0, 1] at the original size (pad fit; the
+        model's canvas otherwise).
+
+    Raises:
+        codec.CodecError: a damaged or foreign file, other checkpoints than
+            the run's, or decoded codes that differ from the encoder's.
+    """
+    header, payload = codec.read(path)
+    vqvae_digest = run.vqvae_digest() if run.checkpoint("vqvae").is_file() else None
+    prior_path = run.checkpoint("pixelcnn")
+    prior_digest = runs.file_digest(prior_path) if prior_path.is_file() else None
+    if (vqvae_digest, prior_digest) != (header["vqvae_sha1"], header["prior_sha1"]):
+        raise codec.CodecError(
+            f"{path} was written with other checkpoints than {run.path}'s (VQ-VAE {header['vqvae_sha1'][:12]}, "
+            f"prior {header['prior_sha1'][:12]}; the run has {(vqvae_digest or 'none')[:12]}, "
+            f"{(prior_digest or 'none')[:12]}). Pass the --run it was compressed with.")
+    for name in header["names"]:  # a name is a path below --out, nothing else
+        if Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).name:
+            raise codec.CodecError(f"{path} names a slice {name!r}, which is not a path inside the output "
+                                   "folder; it was not written by predict.py --compress.")
+    vqvae, prior = run.load_vqvae(), run.load_prior()
+    n, (height, width) = len(header["names"]), header["grid"]
+    log(f"decoding {n} {height}x{width} code grids from {path}")
+    bar = keras.utils.Progbar(len(codec.chunk_spans(n, header["chunk"])) * height, unit_name="row", interval=0.5)
+    grids = codec.decode_grids(prior, payload, header["chunk_words"], n, (height, width), header["slices"],
+                               header["labels"], chunk=header["chunk"], jit_compile=header["jit_compile"],
+                               progress=lambda: bar.add(1))
+    if codec.grids_digest(grids) != header["codes_sha256"]:
+        raise codec.CodecError(
+            f"{path}: the decoded codes differ from the encoder's (checksum mismatch); nothing was written. It was "
+            f"written with {header['written_by']}; decode it where these match (here: {codec.environment()}).")
+    decode, images = tf.function(vqvae.decode, reduce_retracing=True), []
+    for first in range(0, n, 64):
+        for k, image in enumerate(decode(grids[first:first + 64]).numpy()):
+            original = tuple(header["sizes"][first + k])
+            top, left, h, w = content_box(*original, header["image_size"], header["fit"])
+            image = image[top:top + h, left:left + w]
+            if header["fit"] == "pad" and (h, w) != original:  # shrunk to fit the canvas: back to its size
+                image = tf.image.resize(image, original, antialias=True).numpy().clip(0.0, 1.0)
+            images.append(image[..., 0])
+    return header, grids, images
+
+
+def run_compress(args, log=print):
+    """`--compress`: every image under a folder (or one image) into one .bvq file; returns the summary."""
+    if not Path(args.out).parent.is_dir() or Path(args.out).is_dir():
+        raise PredictError(f"--out {args.out}: pass a file in an existing folder (the folder is not created).")
+    run = runs.Run(args.run)
+    split, names = _images_to_compress(args.compress, run.config("pixelcnn"))
+    log(f"compressing {len(split)} images from {args.compress} with {run.path}")
+    summary = compress(run, split, names, args.out, args.chunk, log)
+    summary.pop("codes")
+    return summary
+
+
+def run_decompress(args, log=print):
+    """`--decompress`: one PNG per slice of a .bvq file under `args.out`, all or nothing; returns the summary."""
+    start = time.perf_counter()
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise PredictError(f"--out {args.out} is a file. Pass a folder for the PNGs.")
+    header, _, images = decompress(runs.Run(args.run), args.decompress, log)
+    out = Path(args.out)
+    staging = out / f".decompress-{os.getpid()}"
+    try:
+        for name, image in zip(header["names"], images):
+            target = staging / Path(name).with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_png(image[..., None], target)
+        for done in sorted(staging.rglob("*.png")):
+            final = out / done.relative_to(staging)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(done, final)
+    except OSError as err:
+        raise PredictError(f"cannot write the PNGs under {out} ({err.strerror}). Pass --out in a writable "
+                           "place.") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"n_slices": len(images), "out": str(out), "checksum_ok": True,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
 def main(argv=None):
     args = parse_args(argv)
+    command = (run_compress if args.compress else run_decompress if args.decompress
+               else run_generation if args.generate else run_reconstruction)
     try:
-        summary = run_generation(args) if args.generate else run_reconstruction(args)
-    except (dataset.DataError, PredictError, runs.RunError) as err:
+        summary = command(args)
+    except (dataset.DataError, PredictError, runs.RunError, codec.CodecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.generate:
+    if args.compress:
+        print(f"compressed {summary['n_slices']} slices into {summary['out']}: {summary['bytes']:,} bytes, "
+              f"{summary['bits_per_pixel']:.4f} bits per pixel, {summary['bits_per_code']:.3f} bits per code "
+              f"(prior's cross-entropy {summary['ideal_bits_per_code']:.3f}, raw {summary['raw_bits_per_code']:.0f}) "
+              f"in {summary['seconds']:.1f} s")
+    elif args.decompress:
+        print(f"decompressed {summary['n_slices']} slices into {summary['out']} in {summary['seconds']:.1f} s; "
+              "code checksum ok")
+    elif args.generate:
         line = (f"generated {summary['n_generated']} slices in {summary['sampling_seconds']:.1f} s of sampling "
                 f"({summary['samples_per_s']:.2f} samples/s) into {summary['out']}")
         if "nearest_train_ssim_mean" in summary:

@@ -1,0 +1,279 @@
+"""Rate-distortion of the .bvq codec against JPEG, JPEG 2000, WebP and AVIF on held-out slices.
+
+For each operating point (a run folder with a VQ-VAE and its prior: the 32x32
+and 64x64 code grids, `--runs`, or trained here with `train.py` on the data
+and cached), on the run's held-out test split (the real slices in
+../shared/data/alzheimer-mri-slices when present, else --data, else the
+built-in phantoms):
+
+  * ours: the test slices compressed into one .bvq file by `predict.compress`
+    (the code path of `predict.py --compress`) and decoded back by
+    `predict.decompress` (the code grids checked against the encoder's); the
+    rate is the whole file's bytes, header included, over the slices'
+    original pixels. Beside it the raw-index rate (log2 K bits per code) and
+    the prior's ideal rate (its cross-entropy), so the coder's overhead shows.
+  * JPEG, JPEG 2000, WebP and AVIF (Pillow) at several quality settings each,
+    one file per slice (8-bit grayscale, original size), the bytes of the
+    actual files.
+
+Every decoded slice is scored against its original at the original size with
+`metrics.image_quality`: SSIM and PSNR over the whole slice and inside the
+brain (about 44% of a real slice is black background). A classical codec's
+bytes at our brain-masked SSIM are interpolated on its curve (bits per pixel
+linear in brain SSIM between the two settings around it); `ratio_vs_best_
+classical_G` is our bytes over the best classical codec's there (< 0.5 is the
+issue's target). Where our SSIM lies below a codec's lowest setting, that
+codec's smallest file is used and the row says so (the ratio is then a lower
+bound). Speed: slices per second of our encode (VQ-VAE + prior + coder) and
+decode (coder + prior + decoder).
+
+    python benchmarks/bench_codec.py [--data PATH] [--runs RUN_32 RUN_64] [--epochs E --prior-epochs P] [--json]
+
+Writes a rate-distortion plot (`--figure`, default samples/rate_distortion.png)
+and ends with one JSON object (with --json).
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import dataset  # noqa: E402
+import metrics  # noqa: E402
+import predict  # noqa: E402
+import runs  # noqa: E402
+import train  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "alzheimer-mri-slices"
+# Quality settings per codec, from the lowest rate up (Pillow's own scales).
+CLASSICAL = {
+    "JPEG": ("JPEG", "quality", [2, 5, 10, 20, 30, 50, 75, 90]),
+    "JPEG 2000": ("JPEG2000", "rate", [400, 200, 120, 80, 50, 30, 20, 10, 5]),
+    "WebP": ("WEBP", "quality", [0, 5, 10, 20, 35, 50, 70, 90]),
+    "AVIF": ("AVIF", "quality", [0, 5, 10, 20, 35, 50, 70, 90]),
+}
+
+
+def encode_classical(image, codec_name, setting):
+    """The bytes of one 8-bit grayscale (h, w) image compressed by Pillow, and the image decoded from them."""
+    from PIL import Image
+
+    fmt, kind, _ = CLASSICAL[codec_name]
+    options = {"quality": setting}
+    if fmt == "JPEG2000":  # a compression ratio, not a quality
+        options = {"quality_mode": "rates", "quality_layers": [setting], "irreversible": True}
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **options)
+    data = buffer.getvalue()
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    return len(data), decoded
+
+
+def score(originals, decoded):
+    """Mean SSIM and PSNR, whole slice and inside the brain, of decoded 8-bit slices against the 8-bit originals."""
+    totals = {}
+    shapes = sorted({o.shape for o in originals})
+    for shape in shapes:  # one batch per slice size
+        picks = [i for i, o in enumerate(originals) if o.shape == shape]
+        a = np.stack([originals[i] for i in picks])[..., None].astype(np.float32) / 255.0
+        b = np.stack([decoded[i] for i in picks])[..., None].astype(np.float32) / 255.0
+        for key, values in metrics.image_quality(tf.constant(a), tf.constant(b)).items():
+            totals.setdefault(key, []).append(values.numpy())
+    out = {}
+    for key, parts in totals.items():
+        values = np.concatenate(parts)
+        out[f"{key}_mean"] = float(np.nanmean(values))
+    return out
+
+
+def originals_of(split):
+    """The split's slices at their original size, as the model's pipeline decodes them, 8-bit (h, w)."""
+    images = []
+    for path in split.paths:
+        image = dataset.decode_image(tf.io.read_file(path)).numpy()[..., 0]
+        images.append(np.round(image * 255).astype(np.uint8))
+    return images
+
+
+def ensure_run(folder, data, downsample, epochs, prior_epochs, log=print):
+    """A run folder with a VQ-VAE and prior trained by train.py (resumed or reused when already there)."""
+    run = runs.Run(folder)
+    common = ["--run", str(folder), "--verbose", "2"]
+    if not run.has("vqvae"):
+        log(f"training the VQ-VAE of {folder} ({epochs} epochs, downsample {downsample})")
+        args = ["--model", "vqvae", "--downsample", str(downsample), "--epochs", str(epochs), *common]
+        if data is not None:
+            args += ["--data", str(data)]
+        if train.main(args) != 0:
+            raise SystemExit(f"error: training the VQ-VAE of {folder} failed")
+    if not run.has("pixelcnn"):
+        log(f"training the prior of {folder} ({prior_epochs} epochs)")
+        if train.main(["--model", "pixelcnn", "--epochs", str(prior_epochs), *common]) != 0:
+            raise SystemExit(f"error: training the prior of {folder} failed")
+    return run
+
+
+def at_quality(curve, target):
+    """Bits per pixel a codec needs at brain SSIM `target`, interpolated on its (bpp, ssim) curve.
+
+    Returns `(bpp, where)`: where is "interpolated", "below range" (the
+    target is under the codec's lowest setting: its smallest file) or
+    "above range" (beyond its best setting: its largest file, a lower
+    bound on what it would need).
+    """
+    points = sorted(curve, key=lambda p: p[1])
+    ssims = [p[1] for p in points]
+    if target <= ssims[0]:
+        return min(p[0] for p in points), "below range"
+    if target > ssims[-1]:
+        return max(p[0] for p in points), "above range"
+    for (b0, s0), (b1, s1) in zip(points, points[1:]):
+        if s0 <= target <= s1:
+            return b0 + (b1 - b0) * (target - s0) / max(s1 - s0, 1e-12), "interpolated"
+    raise AssertionError("unreachable")
+
+
+def measure_ours(run, split, label, log=print):
+    """Compresses and decompresses the split with the run; the row of our codec."""
+    names = [f"{i:05d}_{Path(p).name}" for i, p in enumerate(split.paths)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "test.bvq"
+        t0 = time.perf_counter()
+        summary = predict.compress(run, split, names, path, log=log)
+        encode_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        header, grids, images = predict.decompress(run, path, log=log)
+        decode_seconds = time.perf_counter() - t0
+    exact = bool(np.array_equal(grids, summary["codes"]))
+    n, codes = len(images), summary["codes"].size
+    return {"codec": f"ours {label}", "setting": label, "bits_per_pixel": summary["bits_per_pixel"],
+            "bytes_per_slice": summary["bytes"] / n, "bits_per_code": summary["bits_per_code"],
+            "payload_bits_per_code": summary["payload_bits_per_code"],
+            "ideal_bits_per_code": summary["ideal_bits_per_code"], "raw_bits_per_code": summary["raw_bits_per_code"],
+            "coder_overhead": summary["payload_bits_per_code"] / summary["ideal_bits_per_code"] - 1.0,
+            "raw_bits_per_pixel": summary["raw_bits_per_code"] * codes / sum(i.size for i in images),
+            "ideal_bits_per_pixel": summary["ideal_bits_per_code"] * codes / sum(i.size for i in images),
+            "encode_slices_per_s": n / encode_seconds, "decode_slices_per_s": n / decode_seconds,
+            "decode_seconds_per_slice": decode_seconds / n, "round_trip_exact": exact,
+            "grid": "x".join(map(str, header["grid"]))}, [np.round(i * 255).astype(np.uint8) for i in images]
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in CLASSICAL:
+        points = sorted((r["bits_per_pixel"], r["ssim_brain_mean"]) for r in rows if r["codec"] == name)
+        ax.plot(*zip(*points), "o-", label=name, markersize=3)
+    for r in rows:
+        if r["codec"].startswith("ours"):
+            ax.plot(r["bits_per_pixel"], r["ssim_brain_mean"], "*", markersize=14, label=f"{r['codec']} (.bvq)")
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per pixel (actual files)")
+    ax.set_ylabel("SSIM inside the brain")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Rate-distortion on held-out slices")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=None,
+                        help="folder of slices (default: the real slices in ../shared when present, else the "
+                             "phantoms)")
+    parser.add_argument("--runs", nargs=2, metavar=("RUN_32", "RUN_64"), default=None,
+                        help="run folders with a trained VQ-VAE and prior on the 32x32 and the 64x64 grid (default: "
+                             "trained here with train.py and cached)")
+    parser.add_argument("--epochs", type=int, default=2, help="VQ-VAE epochs when training the runs here")
+    parser.add_argument("--prior-epochs", type=int, default=10, help="prior epochs when training the runs here")
+    parser.add_argument("--cache", default=None,
+                        help="where runs trained here are kept (default: the project's cache folder, $BRAIN_VQVAE_CACHE "
+                             "or ~/.cache/brain-vqvae)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most N test slices (a seeded subset)")
+    parser.add_argument("--figure", default=str(REPO / "samples" / "rate_distortion.png"),
+                        help="rate-distortion plot")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
+    args = parser.parse_args(argv)
+    data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    if data is not None and not Path(data).is_dir():
+        print(f"error: no data at {data}; pass --data with a folder of slices", file=sys.stderr)
+        return 2
+    if args.runs:
+        folders = dict(zip(("32x32", "64x64"), args.runs))
+    else:
+        key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs,
+                                       args.prior_epochs]).encode()).hexdigest()[:12]
+        cache = Path(args.cache or dataset.default_cache_dir())
+        folders = {"32x32": cache / "codec_runs" / key / "grid32", "64x64": cache / "codec_runs" / key / "grid64"}
+    rows, ours, tested = [], {}, None
+    for grid, folder in folders.items():
+        run = ensure_run(folder, data, 8 if grid == "32x32" else 4, args.epochs, args.prior_epochs) \
+            if not args.runs else runs.Run(folder)
+        split = runs.limit_split(run.source().splits["test"], args.limit, 0)
+        if tested is not None and split.paths != tested:
+            print(f"error: the runs {' and '.join(map(str, folders.values()))} have different test splits; "
+                  "train both on the same data with the same --split-seed", file=sys.stderr)
+            return 2
+        tested, originals = split.paths, originals_of(split)
+        row, decoded = measure_ours(run, split, grid)
+        row.update(score(originals, decoded))
+        rows.append(row)
+        ours[grid] = row
+        print(f"ours {grid}: {row['bits_per_pixel']:.4f} bpp ({row['bytes_per_slice']:.0f} bytes per slice), "
+              f"brain SSIM {row['ssim_brain_mean']:.4f}, coder overhead {row['coder_overhead']:.2%}, decode "
+              f"{row['decode_seconds_per_slice']:.3f} s per slice, exact {row['round_trip_exact']}")
+    for name, (_, _, settings) in CLASSICAL.items():
+        for setting in settings:
+            sizes, decoded = zip(*(encode_classical(o, name, setting) for o in originals))
+            pixels = sum(o.size for o in originals)
+            row = {"codec": name, "setting": setting, "bits_per_pixel": 8 * sum(sizes) / pixels,
+                   "bytes_per_slice": sum(sizes) / len(sizes), **score(originals, list(decoded))}
+            rows.append(row)
+            print(f"{name} {setting}: {row['bits_per_pixel']:.4f} bpp, brain SSIM {row['ssim_brain_mean']:.4f}")
+    summary = {"n_slices": len(originals), "data": data or "phantoms", "rows": rows}
+    for grid, row in ours.items():
+        best = None
+        for name in CLASSICAL:
+            curve = [(r["bits_per_pixel"], r["ssim_brain_mean"]) for r in rows if r["codec"] == name]
+            bpp, where = at_quality(curve, row["ssim_brain_mean"])
+            row[f"{name}_bits_per_pixel_at_our_quality"] = bpp
+            row[f"{name}_where"] = where
+            if best is None or bpp < best[1]:
+                best = (name, bpp, where)
+        row["best_classical"], row["best_classical_where"] = best[0], best[2]
+        summary[f"ratio_vs_best_classical_{grid[:2]}"] = row["bits_per_pixel"] / best[1]
+        summary[f"decode_seconds_per_slice_{grid[:2]}"] = row["decode_seconds_per_slice"]
+    summary["coder_overhead"] = max(r["coder_overhead"] for r in ours.values())
+    summary["figure"] = str(plot(rows, args.figure))
+    for grid, row in ours.items():
+        print(f"ours {grid}: {summary[f'ratio_vs_best_classical_{grid[:2]}']:.3f} x the bytes of the best classical "
+              f"codec at the same brain SSIM ({row['best_classical']}, {row['best_classical_where']})")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
