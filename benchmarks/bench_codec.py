@@ -209,8 +209,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=2, help="VQ-VAE epochs when training the runs here")
     parser.add_argument("--prior-epochs", type=int, default=10, help="prior epochs when training the runs here")
     parser.add_argument("--cache", default=None,
-                        help="where runs trained here are kept (default: the project's cache folder, $BRAIN_VQVAE_CACHE "
-                             "or ~/.cache/brain-vqvae)")
+                        help="where runs trained here are kept (default: the project's cache folder, "
+                             "$BRAIN_VQVAE_CACHE or ~/.cache/brain-vqvae)")
     parser.add_argument("--limit", type=int, default=None, help="use at most N test slices (a seeded subset)")
     parser.add_argument("--figure", default=str(REPO / "samples" / "rate_distortion.png"),
                         help="rate-distortion plot")

@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alzheimer-mri-slices"
+DOWNSAMPLE = {"ours-64": 4, "ours-32": 8}  # 64x64 and 32x32 code grids at 256 px
 
 
 @keras.saving.register_keras_serializable(package="bench")
@@ -90,8 +91,7 @@ def build(name, size, options=None, lr=1e-3):
         model = keras_io_model(size)
         model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse")
         return model, lambda images: tf.clip_by_value(model(images, training=False), 0.0, 1.0)
-    downsample = {"ours-64": 4, "ours-32": 8}[name]
-    model = modules.VQVAE(**{"downsample": downsample, "seed": 0, **(options or {})})
+    model = modules.VQVAE(**{"downsample": DOWNSAMPLE[name], "seed": 0, **(options or {})})
     model.build((None, size, size, 1))
     model.compile(optimizer=keras.optimizers.Adam(lr))
     return model, model.reconstruct
@@ -197,17 +197,19 @@ def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.
             "n_test": int(len(values)), "curve": curve}
 
 
-def model_options(preset="model", settings=()):
-    """Our models' `modules.VQVAE` options: a preset changed by `KEY=VALUE` settings.
+def model_options(preset="model", settings=(), downsample=4, size=256):
+    """One of our models' `modules.VQVAE` options: a preset changed by `KEY=VALUE` settings.
 
     preset "model" starts from the constructor's defaults (no options),
-    "train" from what `train.py` builds by default, but for the grid (the
-    model's name says it) and the seed (0 here). A VALUE is read as JSON,
-    else as a string: `loss=ssim_l1`.
+    "train" from what `train.py` builds by default for this downsampling
+    and image size, but for the downsampling itself (the model's name says
+    it) and the seed (0 here). A VALUE is read as JSON, else as a string:
+    `loss=ssim_l1`.
     """
     options = {}
     if preset == "train":
-        options = {key: value for key, value in train_script.vqvae_options(train_script.parse_args([])).items()
+        defaults = train_script.parse_args(["--downsample", str(downsample)])
+        options = {key: value for key, value in train_script.vqvae_options(defaults, size).items()
                    if key not in ("downsample", "seed")}
     for item in settings:
         key, _, value = item.partition("=")
@@ -241,7 +243,6 @@ def main(argv=None):
                              "(today's model), then with --preset, --set and --schedule")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
-    options = model_options(args.preset, args.set)
     if not Path(args.data).is_dir():
         print(f"error: real data not found at {args.data}; pass --data with a folder of slices", file=sys.stderr)
         return 2
@@ -254,6 +255,7 @@ def main(argv=None):
             continue
         if args.compare:
             jobs.append((name, None, "constant", 1e-3, f"{name}+today"))
+        options = model_options(args.preset, args.set, downsample=DOWNSAMPLE[name])
         jobs.append((name, options, args.schedule, args.lr, f"{name}+{args.label}" if args.label else name))
     results = [train_with_budget(name, source, args.minutes, figure=args.figure if i == len(jobs) - 1 else None,
                                  options=job_options, lr=lr, schedule=schedule, label=label)

@@ -27,7 +27,8 @@ def test_a_short_run_reports_every_key_the_issue_names(tmp_path):
     root = dataset.ensure_phantoms(tmp_path, subjects=(4, 1, 1), n_slices=16, size=64, verbose=False)
     source = dataset.load_source(root)
     result = bench_vqvae.train_with_budget("ours-32", source, minutes=0.02, size=64, probe_every=0.5,
-                                           log=lambda _: None, options={"num_codes": 32, "code_dim": 8, "loss": "ssim_l1",
+                                           log=lambda _: None,
+                                           options={"num_codes": 32, "code_dim": 8, "loss": "ssim_l1",
                                                     "normalize_codes": True, "gradient": "rotation"})
     for key in ("ssim_mean", "ssim_brain_mean", "psnr_brain_mean", "perplexity_brain", "bits_per_code", "steps",
                 "minutes_to_0.90"):
@@ -38,16 +39,29 @@ def test_a_short_run_reports_every_key_the_issue_names(tmp_path):
 
 
 def test_the_train_preset_is_what_train_py_builds_and_set_changes_it():
+    # train.py's --loss auto: the brain recipe on a 32x32 code grid (256 px, downsample 8), the plain one at 64x64.
+    coarse = bench_vqvae.model_options("train", downsample=8)
+    assert (coarse["loss"], coarse["normalize_codes"], coarse["gradient"]) == ("ssim_l1", True, "rotation")
+    fine = bench_vqvae.model_options("train", downsample=4)
+    assert (fine["loss"], fine["normalize_codes"], fine["gradient"]) == ("mse", False, "straight_through")
     defaults = train.parse_args([])
-    options = bench_vqvae.model_options("train")
-    assert options["loss"] == defaults.loss and options["gradient"] == defaults.gradient
-    assert options["normalize_codes"] is defaults.normalize_codes
-    assert options["background_weight"] == defaults.background_weight and options["num_codes"] == defaults.codes
-    assert "downsample" not in options and "seed" not in options
+    assert coarse["background_weight"] == defaults.background_weight and coarse["num_codes"] == defaults.codes
+    assert "downsample" not in coarse and "seed" not in coarse
     assert bench_vqvae.model_options("model") == {}
-    changed = bench_vqvae.model_options("train", ["loss=mse", "decoder_channels=96", "normalize_codes=false"])
+    changed = bench_vqvae.model_options("train", ["loss=mse", "decoder_channels=96", "normalize_codes=false"], 8)
     assert changed["loss"] == "mse" and changed["decoder_channels"] == 96 and changed["normalize_codes"] is False
     modules.VQVAE(**changed)  # every key is a constructor argument
+
+
+def test_train_py_resolves_loss_auto_by_the_code_grid_and_explicit_flags_win():
+    options = lambda *argv, size=256: train.vqvae_options(train.parse_args(list(argv)), size)  # noqa: E731
+    assert options("--downsample", "8")["loss"] == "ssim_l1" and options()["loss"] == "mse"
+    assert options(size=128)["loss"] == "ssim_l1"  # the phantom demo: 128 px, downsample 4, a 32x32 grid
+    brain = options("--loss", "ssim_l1")
+    assert brain["normalize_codes"] is True and brain["gradient"] == "rotation"
+    assert options("--downsample", "8", "--loss", "mse")["loss"] == "mse"
+    assert options("--downsample", "8", "--no-normalize-codes")["normalize_codes"] is False
+    assert options("--gradient", "rotation")["gradient"] == "rotation" and options()["normalize_codes"] is False
 
 
 def test_brain_code_counts_come_from_the_codes_of_grid_cells_touching_the_brain(tmp_path):
