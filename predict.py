@@ -35,7 +35,8 @@ reconstructions of them: the prior alone). `--no-quality` skips them.
 With `--compress`, every slice under a folder is encoded and its code grid
 range-coded with the prior into one `.bvq` file (`codec.py`); `--decompress`
 decodes such a file, checks the code grids against the encoder's digest, and
-writes one PNG per slice, named and sized as the originals.
+writes one PNG per slice, named and sized as the originals (pad fit; the
+model's canvas with stretch or crop).
 """
 
 import argparse

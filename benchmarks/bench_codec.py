@@ -106,12 +106,16 @@ def originals_of(split):
 
 
 def ensure_run(folder, data, downsample, epochs, prior_epochs, log=print):
-    """A run folder with a VQ-VAE and prior trained by train.py (resumed or reused when already there)."""
+    """A run folder with a VQ-VAE (256 px, train.py's defaults for its grid) and prior, trained by train.py.
+
+    Reused when already there (the cache key holds the recipe), resumed when interrupted.
+    """
     run = runs.Run(folder)
     common = ["--run", str(folder), "--verbose", "2"]
     if not run.has("vqvae"):
         log(f"training the VQ-VAE of {folder} ({epochs} epochs, downsample {downsample})")
-        args = ["--model", "vqvae", "--downsample", str(downsample), "--epochs", str(epochs), *common]
+        args = ["--model", "vqvae", "--downsample", str(downsample), "--image-size", "256", "--epochs", str(epochs),
+                *common]
         if data is not None:
             args += ["--data", str(data)]
         if train.main(args) != 0:
@@ -223,8 +227,9 @@ def main(argv=None):
     if args.runs:
         folders = dict(zip(("32x32", "64x64"), args.runs))
     else:
-        key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs,
-                                       args.prior_epochs]).encode()).hexdigest()[:12]
+        recipes = [train.vqvae_options(train.parse_args(["--downsample", str(d)]), 256) for d in (8, 4)]
+        key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs, args.prior_epochs,
+                                       recipes]).encode()).hexdigest()[:12]
         cache = Path(args.cache or dataset.default_cache_dir())
         folders = {"32x32": cache / "codec_runs" / key / "grid32", "64x64": cache / "codec_runs" / key / "grid64"}
     rows, ours, tested = [], {}, None
