@@ -3,7 +3,7 @@
 Each metric is checked against an independent implementation or a closed
 form, and then on real-looking slices: two disjoint sets of one population
 give the floor; the score must worsen monotonically as one set is blurred
-(sigma 0.5, 1, 2, 4 pixels) or noised, and it must flag slices whose local
+(sigma 0.5, 1, 2, 4 pixels) or noised (std 0.02 to 0.2), and it must flag slices whose local
 texture is intact but whose layout is broken (quadrants or 16x16 patches,
 32x32 at 256 px, shuffled). On the phantoms always; on the real slices when
 ../shared is there.
@@ -208,13 +208,13 @@ def scored(request):
                 "texture_fd": metrics.frechet_distance(real_texture, texture(images))}
 
     sets = {"floor": candidates, **{f"blur {s}": blur(candidates, s) for s in (0.5, 1, 2, 4)},
-            **{f"noise {s}": noise(candidates, s) for s in (0.02, 0.05, 0.1)},
+            **{f"noise {s}": noise(candidates, s) for s in (0.02, 0.05, 0.1, 0.2)},
             "quadrants": shuffle_tiles(candidates, SIZE // 2), "patches": shuffle_tiles(candidates, SIZE // 8)}
     return {name: score(images) for name, images in sets.items()}, candidates, reference
 
 
 SERIES = {"blur": ("floor", "blur 0.5", "blur 1", "blur 2", "blur 4"),
-          "noise": ("floor", "noise 0.02", "noise 0.05", "noise 0.1")}
+          "noise": ("floor", "noise 0.02", "noise 0.05", "noise 0.1", "noise 0.2")}
 
 
 @pytest.mark.parametrize("metric", ["fd", "kid", "texture_fd"])
@@ -251,9 +251,12 @@ def test_recall_and_coverage_fall_as_slices_are_blurred(scored, metric):
 def test_density_falls_as_slices_are_noised(scored):
     # Precision is blind to blur and noise in these features (0.95 at sigma 4 on the real slices: blurred
     # slices stay inside the real slices' generous k-NN balls), and recall to noise; density is not.
+    # How far it falls by noise 0.1 depends on the evaluation network's initialisation and the CPU's float
+    # rounding: on the real slices, 0.15 on CI's machine and 0.22 to 0.37 here over six seeds; by noise 0.2 it
+    # has fallen 0.55 to 0.78 on every one of them.
     scores, _, _ = scored
     values = [scores[name]["density"] for name in SERIES["noise"]]
-    assert falls(values, 0.2), values
+    assert falls(values, 0.4), values
 
 
 @pytest.mark.parametrize("metric", ["fd", "kid"])
