@@ -1,8 +1,8 @@
 """Rate-distortion of the .bvq codec against JPEG, JPEG 2000, WebP and AVIF on held-out slices.
 
-For each operating point (a run folder with a VQ-VAE and its prior: the 32x32
-and 64x64 code grids, `--runs`, or trained here with `train.py` on the data
-and cached), on the run's held-out test split (the real slices in
+For each operating point (a run folder with a VQ-VAE and its prior, named by
+its code grid: `--runs`, or the 32x32 and 64x64 grids of `--grids` trained
+here with `train.py` on the data and cached), on the runs' held-out test split (the real slices in
 ../shared/data/alzheimer-mri-slices when present, else --data, else the
 built-in phantoms):
 
@@ -27,7 +27,8 @@ codec's smallest file is used and the row says so (the ratio is then a lower
 bound). Speed: slices per second of our encode (VQ-VAE + prior + coder) and
 decode (coder + prior + decoder).
 
-    python benchmarks/bench_codec.py [--data PATH] [--runs RUN_32 RUN_64] [--epochs E --prior-epochs P] [--json]
+    python benchmarks/bench_codec.py [--data PATH] [--runs RUN [RUN ...] | --grids 32 64 --epochs E --prior-epochs P]
+                                     [--limit N] [--json]
 
 Writes a rate-distortion plot (`--figure`, default samples/rate_distortion.png)
 and ends with one JSON object (with --json).
@@ -147,8 +148,8 @@ def at_quality(curve, target):
     raise AssertionError("unreachable")
 
 
-def measure_ours(run, split, label, log=print):
-    """Compresses and decompresses the split with the run; the row of our codec."""
+def measure_ours(run, split, log=print):
+    """Compresses and decompresses the split with the run; the row of our codec, named by its code grid."""
     names = [f"{i:05d}_{Path(p).name}" for i, p in enumerate(split.paths)]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "test.bvq"
@@ -160,6 +161,7 @@ def measure_ours(run, split, label, log=print):
         decode_seconds = time.perf_counter() - t0
     exact = bool(np.array_equal(grids, summary["codes"]))
     n, codes = len(images), summary["codes"].size
+    label = "x".join(map(str, header["grid"]))
     return {"codec": f"ours {label}", "setting": label, "bits_per_pixel": summary["bits_per_pixel"],
             "bytes_per_slice": summary["bytes"] / n, "bits_per_code": summary["bits_per_code"],
             "payload_bits_per_code": summary["payload_bits_per_code"],
@@ -169,7 +171,20 @@ def measure_ours(run, split, label, log=print):
             "ideal_bits_per_pixel": summary["ideal_bits_per_code"] * codes / sum(i.size for i in images),
             "encode_slices_per_s": n / encode_seconds, "decode_slices_per_s": n / decode_seconds,
             "decode_seconds_per_slice": decode_seconds / n, "round_trip_exact": exact,
-            "grid": "x".join(map(str, header["grid"]))}, [np.round(i * 255).astype(np.uint8) for i in images]
+            "grid": label}, [np.round(i * 255).astype(np.uint8) for i in images]
+
+
+def grid_of(run):
+    """The code grid of a run's VQ-VAE, "32x32" (its image size over its downsampling)."""
+    config = run.config("vqvae")
+    side = config["image_size"] // config["vqvae"]["downsample"]
+    return f"{side}x{side}"
+
+
+def suffix(grid):
+    """The JSON key suffix of an operating point: "32" for a 32x32 grid, "32x48" for a non-square one."""
+    h, w = grid.split("x")
+    return h if h == w else grid
 
 
 def plot(rows, path):
@@ -207,9 +222,13 @@ def main(argv=None):
     parser.add_argument("--data", default=None,
                         help="folder of slices (default: the real slices in ../shared when present, else the "
                              "phantoms)")
-    parser.add_argument("--runs", nargs=2, metavar=("RUN_32", "RUN_64"), default=None,
-                        help="run folders with a trained VQ-VAE and prior on the 32x32 and the 64x64 grid (default: "
-                             "trained here with train.py and cached)")
+    parser.add_argument("--runs", nargs="+", metavar="RUN", default=None,
+                        help="run folders, each with a trained VQ-VAE and prior, on one data set and split; each is "
+                             "an operating point named by its code grid (default: the --grids trained here with "
+                             "train.py and cached)")
+    parser.add_argument("--grids", nargs="+", type=int, choices=(32, 64), default=[32, 64],
+                        help="without --runs: the code grids to train here and measure (32: --downsample 8, 64: "
+                             "--downsample 4, at 256 px)")
     parser.add_argument("--epochs", type=int, default=2, help="VQ-VAE epochs when training the runs here")
     parser.add_argument("--prior-epochs", type=int, default=10, help="prior epochs when training the runs here")
     parser.add_argument("--cache", default=None,
@@ -225,24 +244,37 @@ def main(argv=None):
         print(f"error: no data at {data}; pass --data with a folder of slices", file=sys.stderr)
         return 2
     if args.runs:
-        folders = dict(zip(("32x32", "64x64"), args.runs))
+        folders = [Path(f) for f in args.runs]
+        missing = [f for f in folders if not (runs.Run(f).has("vqvae") and runs.Run(f).has("pixelcnn"))]
+        if missing:
+            print(f"error: {missing[0]} holds no trained VQ-VAE and prior; train both there with train.py "
+                  "(--model vqvae, then --model pixelcnn)", file=sys.stderr)
+            return 2
+        trained = [runs.Run(f) for f in folders]
+        grids = [grid_of(run) for run in trained]
+        if len(set(grids)) < len(grids):
+            twice = next(g for g in grids if grids.count(g) > 1)
+            print(f"error: two of the runs {' '.join(map(str, folders))} are on the {twice} code grid; pass one run "
+                  "per operating point", file=sys.stderr)
+            return 2
     else:
         recipes = [train.vqvae_options(train.parse_args(["--downsample", str(d)]), 256) for d in (8, 4)]
         key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs, args.prior_epochs,
                                        recipes]).encode()).hexdigest()[:12]
         cache = Path(args.cache or dataset.default_cache_dir())
-        folders = {"32x32": cache / "codec_runs" / key / "grid32", "64x64": cache / "codec_runs" / key / "grid64"}
+        folders = [cache / "codec_runs" / key / f"grid{g}" for g in sorted(set(args.grids))]
+        trained = [ensure_run(f, data, 256 // g, args.epochs, args.prior_epochs)
+                   for f, g in zip(folders, sorted(set(args.grids)))]
     rows, ours, tested = [], {}, None
-    for grid, folder in folders.items():
-        run = ensure_run(folder, data, 8 if grid == "32x32" else 4, args.epochs, args.prior_epochs) \
-            if not args.runs else runs.Run(folder)
+    for run in trained:
         split = runs.limit_split(run.source().splits["test"], args.limit, 0)
         if tested is not None and split.paths != tested:
-            print(f"error: the runs {' and '.join(map(str, folders.values()))} have different test splits; "
+            print(f"error: the runs {' and '.join(map(str, folders))} have different test splits; "
                   "train both on the same data with the same --split-seed", file=sys.stderr)
             return 2
         tested, originals = split.paths, originals_of(split)
-        row, decoded = measure_ours(run, split, grid)
+        row, decoded = measure_ours(run, split)
+        grid = row["grid"]
         row.update(score(originals, decoded))
         rows.append(row)
         ours[grid] = row
@@ -257,7 +289,10 @@ def main(argv=None):
                    "bytes_per_slice": sum(sizes) / len(sizes), **score(originals, list(decoded))}
             rows.append(row)
             print(f"{name} {setting}: {row['bits_per_pixel']:.4f} bpp, brain SSIM {row['ssim_brain_mean']:.4f}")
-    summary = {"n_slices": len(originals), "data": data or "phantoms", "rows": rows}
+    # The issue's keys of both operating points always: null where that grid was not measured.
+    keys = ("ratio_vs_best_classical", "decode_seconds_per_slice")
+    summary = {"n_slices": len(originals), "data": data or "phantoms", "rows": rows,
+               **{f"{key}_{g}": None for g in (32, 64) for key in keys}}
     for grid, row in ours.items():
         best = None
         for name in CLASSICAL:
@@ -268,13 +303,14 @@ def main(argv=None):
             if best is None or bpp < best[1]:
                 best = (name, bpp, where)
         row["best_classical"], row["best_classical_where"] = best[0], best[2]
-        summary[f"ratio_vs_best_classical_{grid[:2]}"] = row["bits_per_pixel"] / best[1]
-        summary[f"decode_seconds_per_slice_{grid[:2]}"] = row["decode_seconds_per_slice"]
+        summary[f"ratio_vs_best_classical_{suffix(grid)}"] = row["bits_per_pixel"] / best[1]
+        summary[f"decode_seconds_per_slice_{suffix(grid)}"] = row["decode_seconds_per_slice"]
     summary["coder_overhead"] = max(r["coder_overhead"] for r in ours.values())
     summary["figure"] = str(plot(rows, args.figure))
     for grid, row in ours.items():
-        print(f"ours {grid}: {summary[f'ratio_vs_best_classical_{grid[:2]}']:.3f} x the bytes of the best classical "
-              f"codec at the same brain SSIM ({row['best_classical']}, {row['best_classical_where']})")
+        ratio = summary[f"ratio_vs_best_classical_{suffix(grid)}"]
+        print(f"ours {grid}: {ratio:.3f} x the bytes of the best classical codec at the same brain SSIM "
+              f"({row['best_classical']}, {row['best_classical_where']})")
     if args.json:
         print(json.dumps(summary))
     return 0
