@@ -238,7 +238,7 @@ def _match_split_dirs(root):
     return found if "train" in found and len(found) >= 2 else {}
 
 
-def _class_of(path, root):
+def class_of(path, root):
     """Class name of a file: its first folder below `root`, '' if at the top."""
     parts = Path(path).relative_to(root).parts
     return parts[0] if len(parts) > 1 else ""
@@ -264,7 +264,7 @@ def split_files(paths, *, root, seed=0, fractions=(0.8, 0.1, 0.1), class_names=N
     """
     if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
         raise DataError(f"split fractions must be >= 0 and sum to 1. Received: fractions={fractions}")
-    classes = [_class_of(p, root) for p in paths]
+    classes = [class_of(p, root) for p in paths]
     if class_names is None:
         class_names = sorted(set(classes)) if len(set(classes)) > 1 else []
     label_of = {name: i for i, name in enumerate(class_names)}
@@ -291,7 +291,7 @@ def split_files(paths, *, root, seed=0, fractions=(0.8, 0.1, 0.1), class_names=N
     splits = {}
     for split in SPLITS:
         files = assigned[split]
-        labels = [label_of.get(_class_of(p, root), -1) for p in files]
+        labels = [label_of.get(class_of(p, root), -1) for p in files]
         splits[split] = make_split(files, labels)
     return splits, class_names
 
@@ -647,11 +647,11 @@ def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
         if predefined:
             files = {s: list_images(d) for s, d in predefined.items()}
             class_roots = {s: predefined[s] for s in predefined}
-            all_classes = sorted({_class_of(p, class_roots[s]) for s in files for p in files[s]})
+            all_classes = sorted({class_of(p, class_roots[s]) for s in files for p in files[s]})
             class_names = all_classes if len(all_classes) > 1 else []
             splits = {}
             for s, paths in files.items():
-                labels = [class_names.index(_class_of(p, class_roots[s])) if class_names else -1 for p in paths]
+                labels = [class_names.index(class_of(p, class_roots[s])) if class_names else -1 for p in paths]
                 splits[s] = make_split(paths, labels)
             for missing in [m for m in ("validate", "test") if m not in splits]:  # carve it out of train
                 share = fractions[SPLITS.index(missing)] / (fractions[0] + fractions[SPLITS.index(missing)])

@@ -568,7 +568,7 @@ def _images_to_compress(target, config):
     else:
         raise dataset.DataError(f"--compress: {target} does not exist. Pass a folder of slices or one slice.")
     classes = config.get("class_names", [])
-    labels = [classes.index(c) if (c := dataset._class_of(p, root)) in classes else -1 for p in paths]
+    labels = [classes.index(c) if (c := dataset.class_of(p, root)) in classes else -1 for p in paths]
     split, _ = dataset.check_split("compress", dataset.make_split(paths, labels))
     names = [Path(p).relative_to(root).as_posix() for p in split.paths]
     seen = {}

@@ -181,6 +181,12 @@ def grid_of(run):
     return f"{side}x{side}"
 
 
+def data_of(run):
+    """The data a run was trained on: its folder, or "phantoms"."""
+    config = run.config("vqvae")
+    return "phantoms" if config.get("source") == "phantoms" else config["data"]
+
+
 def suffix(grid):
     """The JSON key suffix of an operating point: "32" for a 32x32 grid, "32x48" for a non-square one."""
     h, w = grid.split("x")
@@ -291,7 +297,7 @@ def main(argv=None):
             print(f"{name} {setting}: {row['bits_per_pixel']:.4f} bpp, brain SSIM {row['ssim_brain_mean']:.4f}")
     # The issue's keys of both operating points always: null where that grid was not measured.
     keys = ("ratio_vs_best_classical", "decode_seconds_per_slice")
-    summary = {"n_slices": len(originals), "data": data or "phantoms", "rows": rows,
+    summary = {"n_slices": len(originals), "data": data_of(trained[0]), "rows": rows,
                **{f"{key}_{g}": None for g in (32, 64) for key in keys}}
     for grid, row in ours.items():
         best = None

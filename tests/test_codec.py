@@ -248,5 +248,6 @@ def test_bench_codec_reports_the_issues_keys_and_interpolates_on_each_curve(
     assert sorted(row["grid"] for row in ours) == ["4x4", "8x8"] and all(row["round_trip_exact"] for row in ours)
     assert {row["codec"] for row in summary["rows"]} >= set(bench_codec.CLASSICAL)
     assert figure.stat().st_size > 0 and summary["n_slices"] == 6
+    assert summary["data"] == str(tiny_data)  # the runs' data (it said "phantoms" whenever ../shared was absent)
     line = one_error_line(command(bench_codec, "--runs", run_with_prior, run_with_prior, "--figure", figure))
     assert "8x8" in line and "one run per operating point" in line
