@@ -1,10 +1,10 @@
 """Rate-distortion of the .bvq codec against JPEG, JPEG 2000, WebP and AVIF on held-out slices.
 
 For each operating point (a run folder with a VQ-VAE and its prior, named by
-its code grid: `--runs`, or the 32x32 and 64x64 grids of `--grids` trained
-here with `train.py` on the data and cached), on the runs' held-out test split (the real slices in
-../shared/data/alzheimer-mri-slices when present, else --data, else the
-built-in phantoms):
+its code grid: `--runs`, which all hold one data set and split; or the 32x32
+and 64x64 grids of `--grids`, trained here with `train.py` and cached, on
+--data, else the real slices in ../shared/data/alzheimer-mri-slices when
+present, else the built-in phantoms), on the held-out test split:
 
   * ours: the test slices compressed into one .bvq file by `predict.compress`
     (the code path of `predict.py --compress`) and decoded back by
@@ -232,9 +232,9 @@ def main(argv=None):
                         help="run folders, each with a trained VQ-VAE and prior, on one data set and split; each is "
                              "an operating point named by its code grid (default: the --grids trained here with "
                              "train.py and cached)")
-    parser.add_argument("--grids", nargs="+", type=int, choices=(32, 64), default=[32, 64],
+    parser.add_argument("--grids", nargs="+", type=int, choices=(32, 64), default=None,
                         help="without --runs: the code grids to train here and measure (32: --downsample 8, 64: "
-                             "--downsample 4, at 256 px)")
+                             "--downsample 4, at 256 px; default: both)")
     parser.add_argument("--epochs", type=int, default=2, help="VQ-VAE epochs when training the runs here")
     parser.add_argument("--prior-epochs", type=int, default=10, help="prior epochs when training the runs here")
     parser.add_argument("--cache", default=None,
@@ -245,40 +245,47 @@ def main(argv=None):
                         help="rate-distortion plot")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
+    if args.runs and (args.data or args.grids):
+        print(f"error: --runs measures the runs on their own data and grids; leave out "
+              f"{'--data' if args.data else '--grids'}, or leave out --runs to train runs here", file=sys.stderr)
+        return 2
     data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
     if data is not None and not Path(data).is_dir():
         print(f"error: no data at {data}; pass --data with a folder of slices", file=sys.stderr)
         return 2
     if args.runs:
         folders = [Path(f) for f in args.runs]
-        missing = [f for f in folders if not (runs.Run(f).has("vqvae") and runs.Run(f).has("pixelcnn"))]
-        if missing:
-            print(f"error: {missing[0]} holds no trained VQ-VAE and prior; train both there with train.py "
-                  "(--model vqvae, then --model pixelcnn)", file=sys.stderr)
-            return 2
+        for folder in folders:
+            for kind, name in (("vqvae", "VQ-VAE"), ("pixelcnn", "prior")):
+                if not runs.Run(folder).has(kind):
+                    print(f"error: {folder} holds no trained {name}; train one there with "
+                          f"`python train.py --model {kind} --run {folder}`", file=sys.stderr)
+                    return 2
         trained = [runs.Run(f) for f in folders]
         grids = [grid_of(run) for run in trained]
-        if len(set(grids)) < len(grids):
-            twice = next(g for g in grids if grids.count(g) > 1)
-            print(f"error: two of the runs {' '.join(map(str, folders))} are on the {twice} code grid; pass one run "
-                  "per operating point", file=sys.stderr)
-            return 2
+        for i, grid in enumerate(grids):
+            if grid in grids[:i]:
+                print(f"error: the runs {folders[grids.index(grid)]} and {folders[i]} are both on the {grid} code "
+                      "grid; pass one run per operating point", file=sys.stderr)
+                return 2
     else:
         recipes = [train.vqvae_options(train.parse_args(["--downsample", str(d)]), 256) for d in (8, 4)]
         key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs, args.prior_epochs,
                                        recipes]).encode()).hexdigest()[:12]
         cache = Path(args.cache or dataset.default_cache_dir())
-        folders = [cache / "codec_runs" / key / f"grid{g}" for g in sorted(set(args.grids))]
-        trained = [ensure_run(f, data, 256 // g, args.epochs, args.prior_epochs)
-                   for f, g in zip(folders, sorted(set(args.grids)))]
-    rows, ours, tested = [], {}, None
-    for run in trained:
-        split = runs.limit_split(run.source().splits["test"], args.limit, 0)
-        if tested is not None and split.paths != tested:
-            print(f"error: the runs {' and '.join(map(str, folders))} have different test splits; "
-                  "train both on the same data with the same --split-seed", file=sys.stderr)
+        grids = sorted(set(args.grids or (32, 64)))
+        folders = [cache / "codec_runs" / key / f"grid{g}" for g in grids]
+        trained = [ensure_run(f, data, 256 // g, args.epochs, args.prior_epochs) for f, g in zip(folders, grids)]
+    # Every operating point on the same slices, checked before anything is measured.
+    splits = [runs.limit_split(run.source().splits["test"], args.limit, 0) for run in trained]
+    for folder, split in zip(folders[1:], splits[1:]):
+        if split.paths != splits[0].paths:
+            print(f"error: the runs {folders[0]} and {folder} have different test splits; train both on the same "
+                  "data with the same --split-seed", file=sys.stderr)
             return 2
-        tested, originals = split.paths, originals_of(split)
+    originals = originals_of(splits[0])
+    rows, ours = [], {}
+    for run, split in zip(trained, splits):
         row, decoded = measure_ours(run, split)
         grid = row["grid"]
         row.update(score(originals, decoded))
