@@ -254,3 +254,27 @@ def test_bench_codec_reports_the_issues_keys_and_interpolates_on_each_curve(
     assert "leave out --data" in line
     line = one_error_line(command(bench_codec, "--runs", tmp_path / "nothing", "--figure", figure))
     assert "nothing" in line and "no trained VQ-VAE" in line
+
+
+def test_bench_codec_refuses_runs_on_different_test_splits_before_measuring_any(
+        run_with_prior, tiny_data, tmp_path):  # noqa: F811 (fixtures)
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_codec
+
+    # The same data less one test slice, on a coarser grid (so the grids differ and only the splits clash).
+    other = tmp_path / "other_data"
+    shutil.copytree(tiny_data, other)
+    Path(dataset.list_images(next(other.rglob("keras_png_slices_test")))[0]).unlink()
+    coarse = tmp_path / "coarse"
+    assert command(train, "--data", other, "--run", coarse, "--epochs", "1", "--loss", "mse", "--downsample",
+                   "8", *TINY).returncode == 0
+    assert command(train, *PRIOR, "--run", coarse, "--epochs", "1").returncode == 0
+    figure = tmp_path / "rd.png"
+    done = command(bench_codec, "--runs", run_with_prior, coarse, "--figure", figure, "--json")
+    line = one_error_line(done)
+    assert str(run_with_prior) in line and str(coarse) in line and "different test splits" in line
+    assert "ours" not in done.stdout and not figure.exists()  # checked before the first run is measured
