@@ -1001,8 +1001,33 @@ def ensure_phantoms(cache_dir, *, subjects=PHANTOM_SUBJECTS, n_slices=PHANTOM_SL
 
 
 # ---------------------------------------------------------------------------
-# Preview grid
+# Figures
 # ---------------------------------------------------------------------------
+
+
+def save_figure(fig, path, *, dpi=110):
+    """Saves a matplotlib figure as a PNG at `path` atomically (a temporary file, then a rename) and closes it.
+
+    Args:
+        fig: the figure.
+        path: where the PNG goes; its folder is made if needed.
+        dpi: resolution.
+
+    Returns:
+        The path, as a `Path`.
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def save_grid(images, path, *, titles=None, suptitle=None, columns=8):
@@ -1026,13 +1051,7 @@ def save_grid(images, path, *, titles=None, suptitle=None, columns=8):
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def preview(source, path, *, image_size=256, fit="pad", n_images=32, seed=0):

@@ -205,11 +205,7 @@ def save_curves(history_csv, path, keys=("loss", "ssim", "perplexity", "codes_us
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return Path(path)
+    return dataset.save_figure(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -213,13 +212,7 @@ def plot(rows, path):
     ax.legend()
     ax.set_title("Rate-distortion on held-out slices")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return dataset.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):

@@ -384,3 +384,21 @@ def test_corrupt_decoded_list_is_rebuilt(tmp_path, monkeypatch, private_cache, c
     calls.clear()
     dataset.load_source(root)
     assert calls == []
+
+
+def test_save_figure_writes_the_png_atomically_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / "figures" / "curve.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert dataset.save_figure(fig, path) == path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number) and [p.name for p in path.parent.iterdir()] == ["curve.png"]
+    fig, _ = plt.subplots()
+    with pytest.raises(OSError):  # a folder where the file should go: nothing half-written is left
+        dataset.save_figure(fig, tmp_path)
+    assert not plt.fignum_exists(fig.number) and not list(tmp_path.parent.glob(f".{tmp_path.name}.tmp*"))
