@@ -5,12 +5,14 @@ pipeline the models can eat. It never holds the dataset in memory: the file
 list is shuffled, each file is decoded on demand in parallel, fitted to the
 model's square size and batched.
 
-Three sources, picked by `load_source`:
+Four sources, picked by `load_source`:
 
   * "oasis"    the preprocessed OASIS-1 PNG slices (keras_png_slices_train /
                _validate / _test, found however deeply the zip nested them).
   * "folder"   any other folder of PNG/JPEG slices, split deterministically
                (by subject when file names carry one, so no subject leaks).
+  * "volumes"  a folder of NIfTI or Analyze brain volumes, split by subject,
+               each slice read from its volume on demand (`volumes.py`).
   * "phantoms" the embedded default: synthetic skull-stripped brain slices,
                written once as PNGs in the OASIS layout under a cache folder,
                so the real PNG path is what runs.
@@ -41,6 +43,8 @@ import numpy as np
 # Quiet TensorFlow's C++ start-up chatter; a user's own setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
+
+import volumes  # noqa: E402
 
 SPLITS = ("train", "validate", "test")
 OASIS_DIRS = {split: f"keras_png_slices_{split}" for split in SPLITS}
@@ -244,6 +248,16 @@ def class_of(path, root):
     return parts[0] if len(parts) > 1 else ""
 
 
+def _cut(keys, fractions):
+    """Shuffled group keys cut into test, validate and train by the fractions (test first)."""
+    n = len(keys)
+    n_test = int(round(n * fractions[2]))
+    n_val = int(round(n * fractions[1]))
+    if n >= 3:  # every split gets something when there is enough to go round
+        n_test, n_val = max(n_test, int(fractions[2] > 0)), max(n_val, int(fractions[1] > 0))
+    return {"test": keys[:n_test], "validate": keys[n_test:n_test + n_val], "train": keys[n_test + n_val:]}
+
+
 def split_files(paths, *, root, seed=0, fractions=(0.8, 0.1, 0.1), class_names=None):
     """Deterministic train/validate/test split of a flat list of files.
 
@@ -278,14 +292,7 @@ def split_files(paths, *, root, seed=0, fractions=(0.8, 0.1, 0.1), class_names=N
             groups.setdefault(subject if subject >= 0 else p, []).append(p)
         keys = sorted(groups, key=str)
         keys = [keys[i] for i in rng.permutation(len(keys))]
-        n = len(keys)
-        n_test = int(round(n * fractions[2]))
-        n_val = int(round(n * fractions[1]))
-        if n >= 3:  # every split gets something when there is enough to go round
-            n_test, n_val = max(n_test, int(fractions[2] > 0)), max(n_val, int(fractions[1] > 0))
-        cut = {"test": keys[:n_test], "validate": keys[n_test:n_test + n_val],
-               "train": keys[n_test + n_val:]}
-        for split, split_keys in cut.items():
+        for split, split_keys in _cut(keys, fractions).items():
             for key in split_keys:
                 assigned[split].extend(groups[key])
     splits = {}
@@ -294,6 +301,90 @@ def split_files(paths, *, root, seed=0, fractions=(0.8, 0.1, 0.1), class_names=N
         labels = [label_of.get(class_of(p, root), -1) for p in files]
         splits[split] = make_split(files, labels)
     return splits, class_names
+
+
+def volume_split(paths, *, root, slice_axis="axial", slices=None, cache_dir=None, on_bad="error", warn=None,
+                 numbers=None, progress=True):
+    """A `Split` of every kept slice of the given volumes, each named by a reference (`volumes.py`).
+
+    Every volume is inspected once (read in full: orientation, intensity
+    scale, non-empty slices; remembered in `cache_dir`).
+
+    Args:
+        paths: volume files (`.nii`, `.nii.gz`, Analyze `.hdr`).
+        root: the folder subjects are found under (`volumes.subject_of`).
+        slice_axis: "axial", "coronal" or "sagittal".
+        slices: None (the non-empty slices), `"lo:hi"` or a central fraction (see `volumes.VolumeInfo.kept`).
+        cache_dir: where inspections are remembered (default `default_cache_dir()`).
+        on_bad: "error" stops at the first bad volume; "skip" leaves it out with a warning.
+        warn: callable taking a message.
+        numbers: subject name -> subject number (default: numbered in sorted order).
+        progress: show a progress bar for more than 20 volumes.
+
+    Returns:
+        A `Split` whose paths are slice references, subjects are subject
+        numbers and slices are levels in [0, 32) (`volumes.level`).
+    """
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+    cache_dir = cache_dir or default_cache_dir()
+    subject = {p: volumes.subject_of(p, root) for p in paths}
+    numbers = numbers or {name: i for i, name in enumerate(sorted(set(subject.values())))}
+    bar = None
+    if progress and len(paths) > 20:
+        import keras
+
+        print(f"Inspecting {len(paths)} volumes (read once, then remembered) ...", file=sys.stderr)
+        bar = keras.utils.Progbar(len(paths), unit_name="volume", interval=0.5)
+    names, subjects, levels = [], [], []
+    for path in paths:
+        try:
+            info = volumes.info_of(path, slice_axis, cache_dir)
+            kept = info.kept(slices)
+        except volumes.VolumeError as err:
+            if on_bad == "error":
+                raise DataError(f"{err} (or pass --skip-bad to leave bad volumes out)") from None
+            warn(f"skipped {err}")
+            continue
+        finally:
+            if bar is not None:
+                bar.add(1)
+        names += [volumes.reference(path, slice_axis, k) for k in kept]
+        subjects += [numbers[subject[path]]] * len(kept)
+        levels += [volumes.level(k, kept) for k in kept]
+    return Split(names, np.asarray(subjects, np.int32), np.asarray(levels, np.int32),
+                 np.full(len(names), -1, np.int32))
+
+
+def split_volumes(root, *, seed=0, fractions=(0.8, 0.1, 0.1), slice_axis="axial", slices=None, cache_dir=None,
+                  on_bad="error", warn=None):
+    """Splits a folder of 3D volumes by subject into three `volume_split`s.
+
+    Each volume is one subject (its file stem; a BIDS `sub-XXX` folder above
+    it wins, so a subject's several volumes stay together). Subjects are
+    shuffled with `seed` and cut by the fractions, so no subject is in two
+    splits. The other arguments are `volume_split`'s.
+
+    Returns:
+        A dict split -> `Split`.
+    """
+    if slice_axis not in volumes.SLICE_AXES:
+        raise DataError(f"--slice-axis must be one of {', '.join(volumes.SLICE_AXES)}. Received: "
+                        f"slice_axis={slice_axis!r}")
+    try:
+        if slices is not None:
+            volumes.parse_keep(slices)
+    except volumes.VolumeError as err:
+        raise DataError(str(err)) from None
+    paths = list_volumes(root)
+    subject = {p: volumes.subject_of(p, root) for p in paths}
+    names = sorted(set(subject.values()))
+    numbers = {name: i for i, name in enumerate(names)}
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    split_of = {name: split for split, keys in _cut(order, fractions).items() for name in keys}
+    found = volume_split(paths, root=root, slice_axis=slice_axis, slices=slices, cache_dir=cache_dir, on_bad=on_bad,
+                         warn=warn, numbers=numbers)
+    of_subject = np.array([split_of[n] for n in names])[found.subjects] if len(found) else np.array([])
+    return {split: found.take(np.flatnonzero(of_subject == split)) for split in SPLITS}
 
 
 # ---------------------------------------------------------------------------
@@ -587,12 +678,26 @@ def locate_default_data():
     return None
 
 
+def list_volumes(root):
+    """`volumes.list_volumes`, its errors as `DataError`."""
+    try:
+        return volumes.list_volumes(root)
+    except volumes.VolumeError as err:
+        raise DataError(str(err)) from None
+
+
+def holds_volumes(root):
+    """True when `root` holds NIfTI or Analyze volumes (at any depth)."""
+    return bool(list_volumes(root))
+
+
 def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
-                cache_dir=None, phantom_subjects=None, warn=None):
+                cache_dir=None, phantom_subjects=None, warn=None, slice_axis="axial", slices=None):
     """Resolves a data path into a checked `DataSource`.
 
     Args:
-        data: folder of OASIS splits or of any 2D slices; None looks for
+        data: folder of OASIS splits, of any 2D slices or of 3D volumes
+            (NIfTI, Analyze; see `split_volumes`); None looks for
             `data/keras_png_slices_data` and else uses the synthetic phantoms.
         seed: seed of the split for generic folders.
         fractions: train/validate/test shares for generic folders.
@@ -601,6 +706,9 @@ def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
             is kept (default `default_cache_dir()`).
         phantom_subjects: (train, validate, test) subject counts for phantoms.
         warn: callable taking a warning message.
+        slice_axis: volumes only: "axial", "coronal" or "sagittal".
+        slices: volumes only: None (the non-empty slices), `"lo:hi"` or a
+            central fraction.
 
     Returns:
         A `DataSource` whose splits hold only files that passed the checks.
@@ -641,6 +749,20 @@ def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
                     f"empty split: {folder} holds no .png/.jpg files. "
                     "Re-extract the OASIS zip, or pass a folder of slices to --data to split it automatically."
                 )
+    elif holds_volumes(root):
+        if list_images(root):
+            raise DataError(f"{root} holds both volumes (.nii/.nii.gz/.hdr) and 2D slices (.png/.jpg). Pass a "
+                            "folder of one kind.")
+        splits = split_volumes(root, seed=seed, fractions=fractions, slice_axis=slice_axis, slices=slices,
+                               cache_dir=cache_dir, on_bad=on_bad, warn=warn)
+        subjects = sum(len(np.unique(split.subjects)) for split in splits.values())
+        for s in SPLITS:
+            if not len(splits[s]):
+                raise DataError(f"empty split: no '{s}' slices from the volumes under {root} ({subjects} usable "
+                                "subjects in all; each split needs one). Add volumes or change the split fractions.")
+        notes.append(f"{slice_axis} slices of {subjects} subjects' volumes, split "
+                     f"{fractions[0]:.0%}/{fractions[1]:.0%}/{fractions[2]:.0%} by subject with seed {seed}")
+        return DataSource("volumes", root, splits, [], notes)
     else:
         kind = "folder"
         predefined = _match_split_dirs(root)
@@ -710,6 +832,34 @@ def decode_image(contents):
         return tf.cast(tf.io.decode_png(contents, channels=1, dtype=tf.uint16), tf.float32) / 65535.0
 
     return tf.cond(tf.io.is_jpeg(contents), jpeg, png)
+
+
+def _read_reference(name):
+    return volumes.read_slice(name.decode())
+
+
+def load_image(path):
+    """One slice as the pipeline reads it, before fitting: float32 (H, W, 1) in [0, 1], as NumPy.
+
+    Args:
+        path: a PNG/JPEG file, or a volume slice reference (`volume.nii.gz#axial=87`).
+    """
+    if volumes.is_reference(path):
+        return volumes.read_slice(path)
+    return decode_image(tf.io.read_file(str(path))).numpy()
+
+
+def image_shape(path):
+    """`(height, width)` of a slice from its header alone (PNG/JPEG file or volume slice reference)."""
+    if volumes.is_reference(path):
+        return volumes.slice_shape(path)
+    info = inspect_image(path)
+    return info.height, info.width
+
+
+def item_name(path):
+    """A file-name stem for a slice: the image file's stem, or `volume_axial087` for a volume slice."""
+    return volumes.slice_name(path) if volumes.is_reference(path) else Path(path).stem
 
 
 def fit_image(image, size, fit="pad"):
@@ -829,9 +979,14 @@ def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0,
     if not repeat:  # let Keras know the length up front
         ds = ds.apply(tf.data.experimental.assert_cardinality(items))
 
+    from_volumes = volumes.is_reference(split.paths[0])
+
     def load(i):
-        image = fit_image(decode_image(tf.io.read_file(tables[0][i])), image_size, fit)
-        image = tf.ensure_shape(image, (image_size, image_size, 1))
+        if from_volumes:  # only the one slice is read from its volume
+            image = tf.ensure_shape(tf.numpy_function(_read_reference, [tables[0][i]], tf.float32), (None, None, 1))
+        else:
+            image = decode_image(tf.io.read_file(tables[0][i]))
+        image = tf.ensure_shape(fit_image(image, image_size, fit), (image_size, image_size, 1))
         if not with_meta:
             return image
         return {"image": image, "subject": tables[1][i], "slice": tables[2][i], "label": tables[3][i]}
@@ -1079,9 +1234,10 @@ def main(argv=None):
         description="Inspect the slices the models will see: resolve the data, check every file, "
                     "report counts per split, and optionally draw a preview grid.")
     parser.add_argument("--data", default=None,
-                        help="folder with the OASIS keras_png_slices_* folders (any nesting) or any folder of "
-                             "PNG/JPEG slices. Default: data/keras_png_slices_data if present, else the "
-                             "built-in synthetic brain phantoms.")
+                        help="folder with the OASIS keras_png_slices_* folders (any nesting), any folder of "
+                             "PNG/JPEG slices, or a folder of NIfTI/Analyze volumes (sliced, split by subject). "
+                             "Default: data/keras_png_slices_data if present, else the built-in synthetic brain "
+                             "phantoms.")
     parser.add_argument("--image-size", type=int, default=256, help="side of the square images (default 256)")
     parser.add_argument("--fit", choices=FIT_MODES, default="pad",
                         help="how other sizes are fitted: pad (shrink if larger, keep aspect, pad to centre; "
@@ -1093,15 +1249,22 @@ def main(argv=None):
                         help="seed of the split (generic folders) and of the shuffle (default 0)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out unreadable or corrupt files with a warning naming each, instead of stopping")
+    parser.add_argument("--slice-axis", choices=volumes.SLICE_AXES, default="axial",
+                        help="volume data (.nii, .nii.gz, Analyze .hdr/.img): the axis the volumes are sliced across, "
+                             "found from each volume's affine (default axial)")
+    parser.add_argument("--slices", default=None,
+                        help="volume data: the slices kept, LO:HI (along the axis, from the right, posterior or "
+                             "inferior end) or a fraction (the central part of the non-empty slices); default: the "
+                             "non-empty slices")
     parser.add_argument("--cache-dir", default=None,
-                        help="where the phantoms are written and the list of decoded files is kept "
+                        help="where the phantoms are written and the lists of checked files and volumes are kept "
                              "(default $BRAIN_VQVAE_CACHE or ~/.cache/brain-vqvae)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
 
     try:
         source = load_source(args.data, seed=args.seed, on_bad="skip" if args.skip_bad else "error",
-                             cache_dir=args.cache_dir)
+                             cache_dir=args.cache_dir, slice_axis=args.slice_axis, slices=args.slices)
         summary = source.summary()
         summary["image_size"] = args.image_size
         if args.preview:

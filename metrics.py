@@ -52,6 +52,7 @@ from scipy import ndimage
 from skimage.feature import graycomatrix, graycoprops
 
 import dataset
+import volumes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
@@ -370,12 +371,24 @@ def evaluation_network(size=EVAL_SIZE, seed=0):
 
 
 def files_digest(paths, extra=""):
-    """SHA-256 over the names and bytes of `paths` (in order) and `extra`: the cache key of a trained network."""
+    """SHA-256 over the names and bytes of `paths` (in order) and `extra`: the cache key of a trained network.
+
+    A volume slice reference (`volume.nii.gz#axial=87`) counts as its name and
+    its volume's bytes (each volume read once).
+    """
     digest = hashlib.sha256(extra.encode())
+    volume_digests = {}
     for path in paths:
         name = os.path.basename(path).encode()
-        with open(path, "rb") as f:
-            contents = f.read()
+        if volumes.is_reference(path):
+            volume = volumes.parse_reference(path)[0]
+            if volume not in volume_digests:
+                volume_digests[volume] = hashlib.sha256(b"".join(
+                    Path(f).read_bytes() for f in volumes.files_of(volume))).hexdigest().encode()
+            contents = volume_digests[volume]
+        else:
+            with open(path, "rb") as f:
+                contents = f.read()
         digest.update(b"%d:%s%d:" % (len(name), name, len(contents)))  # lengths frame each file
         digest.update(contents)
     return digest.hexdigest()

@@ -55,6 +55,7 @@ import dataset
 import metrics
 import modules
 import runs
+import volumes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
@@ -97,6 +98,13 @@ def resolve_split(run, config, args):
     if args.split == "all":
         if args.data is None:
             raise PredictError("--split all needs --data: the folder whose every image is reconstructed.")
+        if Path(args.data).is_dir() and dataset.holds_volumes(args.data):  # sliced as the run's data were
+            if dataset.list_images(args.data):
+                raise dataset.DataError(f"{args.data} holds both volumes and 2D slices. Pass a folder of one kind.")
+            split = dataset.volume_split(dataset.list_volumes(args.data), root=args.data,
+                                         slice_axis=config.get("slice_axis") or "axial", slices=config.get("slices"),
+                                         on_bad=on_bad)
+            return split, "volumes", []
         files = dataset.make_split(dataset.list_images(args.data))
         if not len(files):
             raise dataset.DataError(f"no images found: {args.data} holds no .png/.jpg/.jpeg files.")
@@ -157,7 +165,7 @@ def reconstruct_split(model, split, image_size, fit="pad", batch_size=16, export
                 examples[0].append(images[i])
                 examples[1].append(reconstructions[i])
             if save_to is not None:
-                save_png(reconstructions[i], Path(save_to) / f"{Path(split.paths[seen + i]).stem}.png")
+                save_png(reconstructions[i], Path(save_to) / f"{dataset.item_name(split.paths[seen + i])}.png")
         seen += len(images)
         bar.add(len(images), values=[("ssim", float(np.mean(quality["ssim"]))),
                                      ("ssim_brain", float(np.nanmean(quality["ssim_brain"])))])
@@ -541,13 +549,16 @@ def content_box(height, width, size, fit):
     return (size - new[0]) // 2, (size - new[1]) // 2, int(new[0]), int(new[1])
 
 
-def _images_to_compress(target, config):
+def _images_to_compress(target, config, vq_config=None):
     """The images to compress and the names their PNGs get.
 
     Args:
-        target: a folder (every image under it, recursively) or one image.
+        target: a folder (every image under it, recursively) or one image;
+            or a folder of volumes, or one volume, sliced as the run's data
+            were (its slice axis and kept slices).
         config: the prior's run config; its "class_names" label the files
             by their first folder below `target`, as training labelled them.
+        vq_config: the VQ-VAE's run config (for volumes).
 
     Returns:
         `(split, names)`: the checked `dataset.Split`, and per file its path
@@ -558,6 +569,32 @@ def _images_to_compress(target, config):
             two files that would decompress to the same PNG.
     """
     target = Path(target)
+    vq_config = vq_config or {}
+    if (target.is_dir() and dataset.holds_volumes(target)) or (target.is_file() and volumes.is_volume(target)):
+        if target.is_dir() and dataset.list_images(target):
+            raise dataset.DataError(f"{target} holds both volumes and 2D slices. Pass a folder of one kind.")
+        root = target if target.is_dir() else target.parent
+        if target.is_dir():
+            paths = dataset.list_volumes(target)
+        else:
+            paths = [str(target.with_suffix(".hdr")) if target.suffix.lower() == ".img" else str(target)]
+        split = dataset.volume_split(paths, root=root, slice_axis=vq_config.get("slice_axis") or "axial",
+                                     slices=vq_config.get("slices"))
+        names = [(Path(volumes.parse_reference(p)[0]).relative_to(root).parent / f"{dataset.item_name(p)}.png")
+                 .as_posix() for p in split.paths]
+    else:
+        split, names = _slices_to_compress(target, config)
+    seen = {}
+    for path, name in zip(split.paths, names):
+        png = Path(name).with_suffix(".png").as_posix()
+        if png in seen:
+            raise dataset.DataError(f"{path} and {seen[png]} would both decompress to {png}. Rename one of them.")
+        seen[png] = path
+    return split, names
+
+
+def _slices_to_compress(target, config):
+    """The PNG/JPEG slices under `target` (or `target` itself), checked and labelled, and their relative names."""
     if target.is_dir():
         paths, root = dataset.list_images(target), target
         if not paths:
@@ -570,14 +607,7 @@ def _images_to_compress(target, config):
     classes = config.get("class_names", [])
     labels = [classes.index(c) if (c := dataset.class_of(p, root)) in classes else -1 for p in paths]
     split, _ = dataset.check_split("compress", dataset.make_split(paths, labels))
-    names = [Path(p).relative_to(root).as_posix() for p in split.paths]
-    seen = {}
-    for path, name in zip(split.paths, names):
-        png = Path(name).with_suffix(".png").as_posix()
-        if png in seen:
-            raise dataset.DataError(f"{path} and {seen[png]} would both decompress to {png}. Rename one of them.")
-        seen[png] = path
-    return split, names
+    return split, [Path(p).relative_to(root).as_posix() for p in split.paths]
 
 
 def compress(run, split, names, out, chunk=codec.CHUNK, log=print):
@@ -604,7 +634,7 @@ def compress(run, split, names, out, chunk=codec.CHUNK, log=print):
     labels = split.labels if hyper["num_classes"] else np.full(len(split), -1, np.int32)
     codes = runs.encode_split(vqvae, split, image_size, fit).astype(np.int32)
     height, width = codes.shape[1:]
-    sizes = [[(info := dataset.inspect_image(p)).height, info.width] for p in split.paths]
+    sizes = [list(dataset.image_shape(p)) for p in split.paths]
     log(f"entropy coding {len(split)} {height}x{width} code grids with the prior")
     bar = keras.utils.Progbar(len(codec.chunk_spans(len(split), chunk)) * height, unit_name="row", interval=0.5)
     payload, words, ideal = codec.encode_grids(prior, codes, slices, labels, chunk=chunk,
@@ -681,7 +711,7 @@ def run_compress(args, log=print):
     if not Path(args.out).parent.is_dir() or Path(args.out).is_dir():
         raise PredictError(f"--out {args.out}: pass a file in an existing folder (the folder is not created).")
     run = runs.Run(args.run)
-    split, names = _images_to_compress(args.compress, run.config("pixelcnn"))
+    split, names = _images_to_compress(args.compress, run.config("pixelcnn"), run.config("vqvae"))
     log(f"compressing {len(split)} images from {args.compress} with {run.path}")
     summary = compress(run, split, names, args.out, args.chunk, log)
     summary.pop("codes")

@@ -43,7 +43,7 @@ MODEL_CLASSES = {"vqvae": "VQVAE", "pixelcnn": "GatedPixelCNN"}
 RESUMED = {
     "vqvae": {"data": "data", "fit": "fit", "seed": "seed", "split_seed": "split_seed", "limit": "limit",
               "skip_bad": "skip_bad", "image_size": "image_size", "batch_size": "batch_size", "epochs": "epochs",
-              "lr": "learning_rate", "downsample": "downsample"},
+              "lr": "learning_rate", "downsample": "downsample", "slice_axis": "slice_axis", "slices": "slices"},
     "pixelcnn": {"batch_size": "batch_size", "epochs": "epochs", "lr": "learning_rate", "seed": "seed",
                  "limit": "limit"},
 }
@@ -238,6 +238,8 @@ class Run:
                 value = None
             if flag == "split_seed" and value is None:  # runs from before --split-seed
                 value = config.get("seed", 0)
+            if flag == "slice_axis" and value is None:  # runs from before volumes
+                value = "axial"
             setattr(args, flag, value)
         return args
 
@@ -302,7 +304,8 @@ class Run:
                                "place.")
         if on_bad is None:
             on_bad = "skip" if config.get("skip_bad") else "error"
-        return dataset.load_source(data, seed=own, on_bad=on_bad, warn=warn)
+        return dataset.load_source(data, seed=own, on_bad=on_bad, warn=warn,
+                                   slice_axis=config.get("slice_axis", "axial"), slices=config.get("slices"))
 
     def splits(self, source, names=("train", "validate")):
         """The splits the VQ-VAE trained and validated on (its `--limit` applied)."""

@@ -470,6 +470,7 @@ def vqvae_config(args, source, counts):
         "model": "vqvae",
         "data": str(source.root), "source": source.kind, "fit": args.fit, "seed": args.seed,
         "split_seed": args.split_seed, "skip_bad": bool(args.skip_bad), "limit": args.limit,
+        "slice_axis": args.slice_axis, "slices": args.slices,
         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
         "learning_rate": args.lr, "vqvae": vqvae_options(args, args.image_size), "counts": counts,
     }
@@ -508,7 +509,8 @@ def train_vqvae(args, log=print):
         run.resume_args("vqvae", args)
         log(f"resuming the interrupted run in {run.path} (its saved config wins over the flags)")
     args.split_seed = args.seed if args.split_seed is None else args.split_seed
-    source = dataset.load_source(args.data, seed=args.split_seed, on_bad="skip" if args.skip_bad else "error")
+    source = dataset.load_source(args.data, seed=args.split_seed, on_bad="skip" if args.skip_bad else "error",
+                                 slice_axis=args.slice_axis, slices=args.slices)
     demo = DEMO if source.kind == "phantoms" else REAL
     args.image_size = args.image_size or demo["image_size"]
     args.epochs = args.epochs or demo["epochs"]
@@ -768,6 +770,13 @@ def parse_args(argv=None):
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out corrupt image files with a warning (stored in the run: the prior and "
                              "predict.py skip them too)")
+    parser.add_argument("--slice-axis", choices=["axial", "coronal", "sagittal"], default="axial",
+                        help="vqvae, volume data (.nii, .nii.gz, Analyze .hdr/.img): the axis the volumes are sliced "
+                             "across, found from each volume's affine (stored in the run)")
+    parser.add_argument("--slices", default=None,
+                        help="vqvae, volume data: the slices kept, LO:HI (along the axis, from the right, posterior or "
+                             "inferior end) or a fraction (the central part of the non-empty slices); default: the "
+                             "non-empty slices (stored in the run)")
     parser.add_argument("--verbose", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="Keras progress output: auto, 0, 1 (bar) or 2 (a line per epoch)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")

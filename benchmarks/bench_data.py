@@ -10,8 +10,14 @@ measures, each in a fresh process so peak memory is its own:
   * train: images/s a VQ-VAE training step consumes on this machine (batch 32,
            256 px), the bar the pipeline must beat by 5x.
 
+With `--volumes 4 32`, the same for folders of that many NIfTI volumes
+(192x192x128 int16 phantom heads, 18.9 MB each as float32), uncompressed
+and gzipped: the one-off inspection (each volume read once in full), then
+one shuffled epoch of every slice streamed from the files; against reading
+every volume into memory.
+
 Usage:
-    python benchmarks/bench_data.py [--sizes 1000 10000] [--json]
+    python benchmarks/bench_data.py [--sizes 1000 10000] [--volumes 4 32] [--json]
 """
 
 import argparse
@@ -29,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 # One copy of the PNG-set writer and the peak-memory reading, shared with the
 # memory test (which must not import benchmark code).
-from memory_worker import peak_rss_mb, write_png_set  # noqa: E402
+from memory_worker import load_all_volumes, peak_rss_mb, write_png_set, write_volume_set  # noqa: E402
 
 
 def worker_ours(folder, batch_size=32):
@@ -46,6 +52,31 @@ def worker_ours(folder, batch_size=32):
     seconds = time.perf_counter() - start
     return {"images": n, "images_per_s": n / seconds, "check_s": check_s, "peak_rss_mb": peak_rss_mb(),
             "rss_after_import_mb": baseline}
+
+
+def worker_volumes(folder, batch_size=32):
+    """Our loader over volumes: inspection (timed apart), then one shuffled epoch of every kept slice."""
+    sys.path.insert(0, str(REPO))
+    import dataset
+    import volumes
+
+    baseline = peak_rss_mb()
+    start = time.perf_counter()
+    split = dataset.volume_split(volumes.list_volumes(folder), root=folder, cache_dir=Path(folder) / ".cache",
+                                 progress=False)
+    inspect_s = time.perf_counter() - start
+    ds = dataset.make_dataset(split, image_size=256, batch_size=batch_size, shuffle=True, seed=0)
+    start = time.perf_counter()
+    n = sum(int(batch.shape[0]) for batch in ds)
+    seconds = time.perf_counter() - start
+    return {"images": n, "images_per_s": n / seconds, "inspect_s": inspect_s, "peak_rss_mb": peak_rss_mb(),
+            "rss_after_import_mb": baseline}
+
+
+def worker_volumes_held(folder):
+    start = time.perf_counter()
+    result = load_all_volumes(folder)
+    return {**result, "images_per_s": result["images"] / (time.perf_counter() - start)}
 
 
 def worker_seed(folder):
@@ -123,6 +154,9 @@ def main(argv=None):
                         help="numbers of generated 256x256 PNG files (default 1000 10000)")
     parser.add_argument("--workdir", default=None, help="where to write the files (default: a temporary folder)")
     parser.add_argument("--skip-seed", action="store_true", help="do not run the load-everything baseline")
+    parser.add_argument("--volumes", type=int, nargs="*", default=[],
+                        help="also measure folders of this many NIfTI volumes, .nii and .nii.gz (e.g. 4 32; "
+                             "default: none)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -130,6 +164,7 @@ def main(argv=None):
     if args.worker:
         kind, *rest = args.worker
         result = {"ours": lambda: worker_ours(rest[0]), "seed": lambda: worker_seed(rest[0]),
+                  "volumes": lambda: worker_volumes(rest[0]), "volumes_held": lambda: worker_volumes_held(rest[0]),
                   "train": worker_train}[kind]()
         print(json.dumps(result))
         return 0
@@ -149,6 +184,17 @@ def main(argv=None):
                 rows.append(("seed report (all in one array)", n, seed["images_per_s"], seed["peak_rss_mb"]))
                 summary[f"seed_{n}"] = seed
             shutil.rmtree(folder)
+        for n in args.volumes:
+            for suffix in (".nii", ".nii.gz"):
+                folder = write_volume_set(workdir / f"v{n}{suffix}", n, suffix=suffix)
+                ours = run_worker("volumes", folder)
+                rows.append((f"ours, {suffix} volumes", n, ours["images_per_s"], ours["peak_rss_mb"]))
+                summary[f"volumes_{suffix[1:]}_{n}"] = ours
+                if not args.skip_seed:
+                    held = run_worker("volumes_held", folder)
+                    rows.append((f"all {suffix} volumes in memory", n, held["images_per_s"], held["peak_rss_mb"]))
+                    summary[f"volumes_held_{suffix[1:]}_{n}"] = held
+                shutil.rmtree(folder)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -158,6 +204,14 @@ def main(argv=None):
     if not args.skip_seed:
         summary["seed_rss_ratio"] = summary[f"seed_{large}"]["peak_rss_mb"] / summary[f"seed_{small}"]["peak_rss_mb"]
     summary["pipeline_vs_training"] = summary[f"ours_{large}"]["images_per_s"] / summary["train_images_per_s"]
+
+    if args.volumes:
+        few, many = min(args.volumes), max(args.volumes)
+        for suffix in ("nii", "nii.gz"):
+            ratio = summary[f"volumes_{suffix}_{many}"]["peak_rss_mb"] / summary[f"volumes_{suffix}_{few}"]["peak_rss_mb"]
+            summary[f"volumes_{suffix}_rss_ratio"] = ratio
+            summary[f"volumes_{suffix}_vs_training"] = (summary[f"volumes_{suffix}_{many}"]["images_per_s"]
+                                                       / summary["train_images_per_s"])
 
     print(f"{'loader':32s} {'files':>7s} {'images/s':>10s} {'peak RSS MB':>12s}")
     for name, n, rate, rss in rows:
@@ -170,6 +224,10 @@ def main(argv=None):
     print(f"ours: RSS {large}/{small} files = {summary['ours_rss_ratio']:.2f}x; "
           f"pipeline = {summary['pipeline_vs_training']:.1f}x training consumption; "
           f"header check of {large} files took {summary[f'ours_{large}']['check_s']:.2f} s")
+    for suffix in ("nii", "nii.gz") if args.volumes else ():
+        print(f"ours, .{suffix} volumes: RSS {many}/{few} volumes = {summary[f'volumes_{suffix}_rss_ratio']:.2f}x; "
+              f"pipeline = {summary[f'volumes_{suffix}_vs_training']:.1f}x training consumption; inspecting "
+              f"{many} volumes took {summary[f'volumes_{suffix}_{many}']['inspect_s']:.1f} s (once)")
     if args.json:
         print(json.dumps(summary))
     return 0

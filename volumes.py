@@ -1,0 +1,371 @@
+"""Brain volumes (NIfTI, Analyze 7.5) as 2D slices: found, checked, oriented, scaled and read lazily.
+
+This file has one job: let `dataset.py` treat a folder of 3D volumes like a
+folder of slices. A slice is named by a reference, `path#axial=87`: the
+volume file, the slice axis and the slice's place along it, counted from
+the right, posterior or inferior end (RAS order), whatever order the
+array is stored in. The pipeline reads each slice on demand with
+`read_slice`, so memory does not grow with the number or size of volumes.
+
+* **Orientation** comes from the affine (`nibabel.io_orientation`), not from
+  the array order: an axial slice is cut across the inferior-superior axis
+  however the scanner stored it, and every slice is shown the same way up,
+  in the radiological convention: anterior (axial) or superior (coronal,
+  sagittal) at the top, the patient's right on the image's left (axial,
+  coronal), anterior on the left (sagittal).
+* **Intensity** is scaled per volume, not per slice, so the slices of one
+  subject stay comparable: the 0.5th to 99.5th percentile of the non-zero
+  voxels maps to [0, 1] (clipped); NaNs count as background. A 4D volume
+  gives its first 3D volume.
+* **Slices kept**: by default those with a non-zero voxel at or above the
+  volume's low percentile (empty ends waste training); `keep` takes `"lo:hi"` (RAS
+  order, hi excluded) or a fraction (the central part of the non-empty
+  range). Each kept slice's `level` bins its place in the kept range into
+  `LEVELS` (32, as the OASIS PNGs' slice numbers), so slice k of one
+  subject and slice k of another mean the same height to the prior.
+
+Inspecting a volume reads it once in full (percentiles, the non-empty
+range); the result is remembered by (path, size, mtime) in a small JSON
+file in the cache folder, so later runs read only the headers.
+"""
+
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img")
+SLICE_AXES = ("axial", "coronal", "sagittal")
+ACROSS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the RAS axis (x=0, y=1, z=2) the slices are cut across
+SHOWN = {"axial": (1, 0), "coronal": (2, 0), "sagittal": (2, 1)}  # RAS axes down the rows, along the columns
+LEVELS = 32  # slice levels the prior conditions on (the OASIS PNGs have 32 slices a subject)
+PERCENTILES = (0.5, 99.5)
+INFO_VERSION = 1  # bump when inspection changes: older remembered results are ignored
+INFO_FILE = "volume_info.json"
+
+
+class VolumeError(ValueError):
+    """A volume that cannot be used, stated in one line naming the file, with the fix."""
+
+
+# ---------------------------------------------------------------------------
+# Finding volumes and their subjects
+# ---------------------------------------------------------------------------
+
+
+def is_volume(path):
+    """True for a NIfTI or Analyze file name (`.nii`, `.nii.gz`, `.hdr`, `.img`)."""
+    return str(path).lower().endswith(SUFFIXES)
+
+
+def stem(path):
+    """The file name without its volume suffix: `sub-01_T1w` for `sub-01_T1w.nii.gz`."""
+    name = Path(path).name
+    for suffix in SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def list_volumes(folder):
+    """Every volume under `folder`, recursively, sorted; an Analyze pair is named by its `.hdr`.
+
+    Hidden files and folders are ignored.
+
+    Raises:
+        VolumeError: an `.img` without the `.hdr` beside it.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        names = {n.lower() for n in filenames}
+        for name in filenames:
+            if name.startswith(".") or not is_volume(name):
+                continue
+            if name.lower().endswith(".img"):
+                if name[:-4].lower() + ".hdr" not in names:
+                    raise VolumeError(f"{os.path.join(dirpath, name)}: an Analyze .img without its .hdr header. "
+                                      "Put the .hdr beside it, or remove the .img.")
+                continue  # the .hdr names the pair
+            if name.lower().endswith(".hdr") and name[:-4].lower() + ".img" not in names:
+                raise VolumeError(f"{os.path.join(dirpath, name)}: an Analyze .hdr header without its .img voxels. "
+                                  "Put the .img beside it, or remove the .hdr.")
+            found.append(os.path.join(dirpath, name))
+    return sorted(found)
+
+
+def files_of(path):
+    """The files holding a volume: itself, or an Analyze `.hdr` and its `.img`."""
+    path = Path(path)
+    if path.suffix.lower() == ".hdr":
+        pair = [f for f in path.parent.iterdir() if f.name.lower() == path.stem.lower() + ".img"]
+        return [str(path), *map(str, pair[:1])]
+    return [str(path)]
+
+
+def subject_of(path, root):
+    """A volume's subject: a BIDS-style `sub-XXX` folder above it, else its file stem."""
+    for part in Path(path).relative_to(root).parts[:-1]:
+        if part.startswith("sub-"):
+            return part
+    return stem(path)
+
+
+# ---------------------------------------------------------------------------
+# Orientation and inspection
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What reading a volume's slices needs, found once per volume.
+
+    Attributes:
+        path: the volume file (the `.hdr` of an Analyze pair).
+        axis: "axial", "coronal" or "sagittal".
+        shape: the 3D spatial shape of the array.
+        array_axis: the array axis the slices are cut across.
+        flip: True when the array index runs against the RAS direction.
+        lo: the intensity mapped to 0 (the 0.5th percentile of non-zero voxels).
+        hi: the intensity mapped to 1 (the 99.5th percentile).
+        first: the first slice (RAS order) with a non-zero voxel at or above `lo`.
+        last: the last such slice.
+    """
+
+    path: str
+    axis: str
+    shape: tuple
+    array_axis: int
+    flip: bool
+    lo: float
+    hi: float
+    first: int
+    last: int
+
+    @property
+    def n_slices(self):
+        return self.shape[self.array_axis]
+
+    def kept(self, keep=None):
+        """The slices kept (RAS order): the non-empty range, a `"lo:hi"` range, or a central fraction of it."""
+        if keep is None:
+            return list(range(self.first, self.last + 1))
+        spec = parse_keep(keep)
+        if isinstance(spec, tuple):
+            lo, hi = spec
+            return list(range(lo, min(self.n_slices if hi is None else hi, self.n_slices)))
+        n = self.last - self.first + 1
+        count = max(1, int(round(n * spec)))
+        start = self.first + (n - count) // 2
+        return list(range(start, start + count))
+
+
+def parse_keep(keep):
+    """`"lo:hi"` as ints (either may be empty: `None`), or a fraction in (0, 1] as a float.
+
+    Example:
+    >>> parse_keep("20:140"), parse_keep("0.6")
+    ((20, 140), 0.6)
+    """
+    text = str(keep).strip()
+    try:
+        if ":" in text:
+            lo, hi = text.split(":", 1)
+            lo, hi = int(lo) if lo.strip() else 0, int(hi) if hi.strip() else None
+            if lo < 0 or (hi is not None and hi <= lo):
+                raise ValueError
+            return lo, hi
+        fraction = float(text)
+        if not 0 < fraction <= 1:
+            raise ValueError
+        return fraction
+    except ValueError:
+        raise VolumeError(f"--slices takes lo:hi (0 <= lo < hi) or a fraction in (0, 1]. Received: "
+                          f"slices={keep!r}") from None
+
+
+def _load(path):
+    import nibabel
+
+    try:
+        return nibabel.load(path)
+    except Exception as err:  # nibabel raises many kinds for a damaged header
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise VolumeError(f"cannot read the volume {path} ({reason}). Re-export it as NIfTI, or remove it.") \
+            from None
+
+
+def _orientation(img, path):
+    import nibabel
+
+    if len(img.shape) < 3 or min(img.shape[:3]) < 2:
+        raise VolumeError(f"{path} is not a 3D volume (shape {tuple(img.shape)}). Pass volumes, or convert 2D "
+                          "images to PNG slices.")
+    if len(img.shape) > 4:
+        raise VolumeError(f"{path} has {len(img.shape)} dimensions (shape {tuple(img.shape)}); 3D or 4D volumes "
+                          "only.")
+    return nibabel.io_orientation(img.affine)
+
+
+def _read_all(img, path):
+    """The first 3D volume as float32, NaNs as 0; a truncated or damaged file is one VolumeError line."""
+    try:
+        data = img.dataobj[..., 0] if len(img.shape) == 4 else img.dataobj[...]
+        data = np.asarray(data, dtype=np.float32)
+    except (EOFError, OSError, ValueError, zlib.error) as err:
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise VolumeError(f"cannot read the voxels of {path} ({reason}): the file is truncated or its header does "
+                          "not match its data. Re-export or re-copy it.") from None
+    return np.where(np.isfinite(data), data, 0.0).astype(np.float32)
+
+
+def inspect_volume(path, axis="axial"):
+    """Finds a volume's slice axis, orientation, intensity scale and non-empty range (reads it once in full).
+
+    Args:
+        path: a `.nii`, `.nii.gz` or Analyze `.hdr` file.
+        axis: "axial", "coronal" or "sagittal".
+
+    Returns:
+        A `VolumeInfo`.
+
+    Raises:
+        VolumeError: unreadable, truncated, 2D or empty volumes (one line naming the file).
+    """
+    if axis not in SLICE_AXES:
+        raise VolumeError(f"--slice-axis must be one of {', '.join(SLICE_AXES)}. Received: slice_axis={axis!r}")
+    img = _load(path)
+    ornt = _orientation(img, path)
+    array_axis = int(np.flatnonzero(ornt[:, 0] == ACROSS[axis])[0])
+    flip = bool(ornt[array_axis, 1] < 0)
+    data = _read_all(img, path)
+    inside = data[data != 0]
+    if inside.size == 0:
+        raise VolumeError(f"{path} is empty: every voxel is 0 or NaN. Remove it.")
+    lo, hi = (float(v) for v in np.percentile(inside, PERCENTILES))
+    if not hi > lo:  # a constant volume: everything non-zero is foreground
+        lo, hi = min(lo, 0.0), max(hi, 0.0) + (1.0 if hi <= 0 else 0.0)
+    others = tuple(a for a in range(3) if a != array_axis)
+    full = np.flatnonzero(((data >= lo) & (data != 0)).any(axis=others))
+    if full.size == 0:
+        full = np.arange(data.shape[array_axis])
+    if flip:
+        full = data.shape[array_axis] - 1 - full
+    return VolumeInfo(str(path), axis, tuple(int(s) for s in img.shape[:3]), array_axis, flip, lo, hi,
+                      int(full.min()), int(full.max()))
+
+
+_MEMO = {}
+
+
+def _key(path, axis):
+    stat = os.stat(path)
+    return f"v{INFO_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{axis}"
+
+
+def info_of(path, axis="axial", cache_dir=None):
+    """`inspect_volume`, remembered in this process and (with `cache_dir`) on disk by path, size and mtime."""
+    key = _key(path, axis)
+    if key in _MEMO:
+        return _MEMO[key]
+    stored = {}
+    file = Path(cache_dir) / INFO_FILE if cache_dir else None
+    if file is not None and file.is_file():
+        try:
+            stored = json.loads(file.read_text())
+        except (OSError, ValueError):
+            stored = {}  # a damaged cache is only a cache
+    if key in stored:
+        fields = stored[key]
+        info = VolumeInfo(**{**fields, "shape": tuple(fields["shape"])})
+    else:
+        info = inspect_volume(path, axis)
+        if file is not None:
+            stored[key] = asdict(info)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(stored))
+            os.replace(tmp, file)
+    _MEMO[key] = info
+    return info
+
+
+# ---------------------------------------------------------------------------
+# Slice references and reading
+# ---------------------------------------------------------------------------
+
+
+def reference(path, axis, k):
+    """The name of slice `k` (RAS order) of a volume: `path#axial=87`."""
+    return f"{path}#{axis}={k}"
+
+
+def is_reference(name):
+    """True for a slice reference (`volume#axis=k`)."""
+    path, sep, rest = str(name).rpartition("#")
+    axis, _, k = rest.partition("=")
+    return bool(sep) and is_volume(path) and axis in SLICE_AXES and k.isdigit()
+
+
+def parse_reference(name):
+    """`(path, axis, k)` of a slice reference."""
+    path, _, rest = str(name).rpartition("#")
+    axis, _, k = rest.partition("=")
+    return path, axis, int(k)
+
+
+def slice_name(name):
+    """A file-name-safe name for a slice reference: `sub-01_T1w_axial087`."""
+    path, axis, k = parse_reference(name)
+    return f"{stem(path)}_{axis}{k:03d}"
+
+
+def read_slice(name, cache_dir=None):
+    """Reads one slice by its reference, oriented and scaled: float32 (H, W, 1) in [0, 1].
+
+    Only that slice is read from the file (for `.nii.gz`, the stream is
+    decompressed up to it, never held whole).
+    """
+    path, axis, k = parse_reference(name)
+    info = info_of(path, axis, cache_dir)
+    img = _load(path)
+    ornt = _orientation(img, path)
+    index = [slice(None)] * len(img.shape)
+    index[info.array_axis] = info.n_slices - 1 - k if info.flip else k
+    if len(img.shape) == 4:
+        index[3] = 0
+    try:
+        data = np.asarray(img.dataobj[tuple(index)], dtype=np.float32)
+    except (EOFError, OSError, ValueError, zlib.error) as err:
+        raise VolumeError(f"cannot read slice {k} of {path} ({str(err).splitlines()[0][:160]}): the file is "
+                          "truncated or damaged. Re-export or re-copy it.") from None
+    data = np.where(np.isfinite(data), data, 0.0)
+    rows, cols = [a for a in range(3) if a != info.array_axis]  # the array axes left, in array order
+    if ornt[rows, 0] != SHOWN[axis][0]:  # the rows must run along the shown vertical axis
+        data, rows, cols = data.T, cols, rows
+    if ornt[rows, 1] > 0:  # top = anterior or superior: the row index must run towards -RAS
+        data = data[::-1]
+    if ornt[cols, 1] > 0:  # the patient's right (or anterior) on the left: columns run towards -RAS
+        data = data[:, ::-1]
+    scaled = np.clip((data - info.lo) / (info.hi - info.lo), 0.0, 1.0)
+    return np.ascontiguousarray(scaled, dtype=np.float32)[..., None]
+
+
+def slice_shape(name, cache_dir=None):
+    """`(height, width)` of a referenced slice as `read_slice` gives it, from the header alone."""
+    path, axis, _ = parse_reference(name)
+    info = info_of(path, axis, cache_dir)
+    img = _load(path)
+    ornt = _orientation(img, path)
+    rows, cols = [a for a in range(3) if a != info.array_axis]
+    if ornt[rows, 0] != SHOWN[axis][0]:
+        rows, cols = cols, rows
+    return info.shape[rows], info.shape[cols]
+
+
+def level(k, kept):
+    """Slice `k`'s level in [0, LEVELS): its place in the kept range, binned."""
+    return min(LEVELS - 1, (k - kept[0]) * LEVELS // len(kept))
