@@ -326,8 +326,7 @@ def volume_split(paths, *, root, slice_axis="axial", slices=None, cache_dir=None
         numbers and slices are levels in [0, 32) (`volumes.level`).
     """
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
-    cache_dir = cache_dir or default_cache_dir()
-    subject = {p: volumes.subject_of(p, root) for p in paths}
+    subject = volumes.subjects_of(paths, root)
     numbers = numbers or {name: i for i, name in enumerate(sorted(set(subject.values())))}
     bar = None
     if progress and len(paths) > 20:
@@ -335,19 +334,22 @@ def volume_split(paths, *, root, slice_axis="axial", slices=None, cache_dir=None
 
         print(f"Inspecting {len(paths)} volumes (read once, then remembered) ...", file=sys.stderr)
         bar = keras.utils.Progbar(len(paths), unit_name="volume", interval=0.5)
+
+    def bad(path, err):
+        if on_bad == "error":
+            raise DataError(f"{err} (or pass --skip-bad to leave bad volumes out)")
+        warn(f"skipped {err}")
+
+    found = volumes.infos(paths, slice_axis, cache_dir or default_cache_dir(), on_error=bad,
+                          progress=None if bar is None else (lambda: bar.add(1)))
     names, subjects, levels = [], [], []
-    for path in paths:
+    for path, info in found.items():
         try:
-            info = volumes.info_of(path, slice_axis, cache_dir)
             kept = info.kept(slices)
         except volumes.VolumeError as err:
-            if on_bad == "error":
-                raise DataError(f"{err} (or pass --skip-bad to leave bad volumes out)") from None
-            warn(f"skipped {err}")
-            continue
-        finally:
-            if bar is not None:
-                bar.add(1)
+            raise DataError(str(err)) from None
+        if not kept:
+            warn(f"--slices {slices} keeps no slice of {path}, which has {info.n_slices} {slice_axis} slices")
         names += [volumes.reference(path, slice_axis, k) for k in kept]
         subjects += [numbers[subject[path]]] * len(kept)
         levels += [volumes.level(k, kept) for k in kept]
@@ -359,10 +361,14 @@ def split_volumes(root, *, seed=0, fractions=(0.8, 0.1, 0.1), slice_axis="axial"
                   on_bad="error", warn=None):
     """Splits a folder of 3D volumes by subject into three `volume_split`s.
 
-    Each volume is one subject (its file stem; a BIDS `sub-XXX` folder above
-    it wins, so a subject's several volumes stay together). Subjects are
-    shuffled with `seed` and cut by the fractions, so no subject is in two
-    splits. The other arguments are `volume_split`'s.
+    A volume's subject is a BIDS `sub-XXX` folder above it, else a `sub-XXX`
+    or OASIS `OAS1_0001` prefix of its name, else its file stem (a stem found
+    in several folders, as `100307/T1w.nii.gz`, takes its folder instead;
+    `volumes.subjects_of`), so a subject's several volumes stay together.
+    Subjects are shuffled with `seed` and cut by the fractions, so no subject
+    is in two splits. An Analyze `.img` without its `.hdr` (or the reverse)
+    is an error, or left out with a warning when `on_bad` is "skip". The
+    other arguments are `volume_split`'s.
 
     Returns:
         A dict split -> `Split`.
@@ -375,8 +381,9 @@ def split_volumes(root, *, seed=0, fractions=(0.8, 0.1, 0.1), slice_axis="axial"
             volumes.parse_keep(slices)
     except volumes.VolumeError as err:
         raise DataError(str(err)) from None
-    paths = list_volumes(root)
-    subject = {p: volumes.subject_of(p, root) for p in paths}
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+    paths = list_volumes(root, unpaired="skip" if on_bad == "skip" else "error", warn=warn)
+    subject = volumes.subjects_of(paths, root)
     names = sorted(set(subject.values()))
     numbers = {name: i for i, name in enumerate(names)}
     order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
@@ -678,17 +685,17 @@ def locate_default_data():
     return None
 
 
-def list_volumes(root):
+def list_volumes(root, unpaired="error", warn=None):
     """`volumes.list_volumes`, its errors as `DataError`."""
     try:
-        return volumes.list_volumes(root)
+        return volumes.list_volumes(root, unpaired=unpaired, warn=warn)
     except volumes.VolumeError as err:
-        raise DataError(str(err)) from None
+        raise DataError(f"{err} (or pass --skip-bad to leave it out)") from None
 
 
 def holds_volumes(root):
-    """True when `root` holds NIfTI or Analyze volumes (at any depth)."""
-    return bool(list_volumes(root))
+    """True when `root` holds NIfTI or Analyze volumes (at any depth; a lone `.img` or `.hdr` is not one)."""
+    return bool(volumes.list_volumes(root, unpaired="ignore"))
 
 
 def load_source(data=None, *, seed=0, fractions=(0.8, 0.1, 0.1), on_bad="error",
@@ -1253,7 +1260,7 @@ def main(argv=None):
                         help="volume data (.nii, .nii.gz, Analyze .hdr/.img): the axis the volumes are sliced across, "
                              "found from each volume's affine (default axial)")
     parser.add_argument("--slices", default=None,
-                        help="volume data: the slices kept, LO:HI (along the axis, from the right, posterior or "
+                        help="volume data: the slices kept, LO:HI (along the axis, from the left, posterior or "
                              "inferior end) or a fraction (the central part of the non-empty slices); default: the "
                              "non-empty slices")
     parser.add_argument("--cache-dir", default=None,

@@ -99,12 +99,7 @@ def resolve_split(run, config, args):
         if args.data is None:
             raise PredictError("--split all needs --data: the folder whose every image is reconstructed.")
         if Path(args.data).is_dir() and dataset.holds_volumes(args.data):  # sliced as the run's data were
-            if dataset.list_images(args.data):
-                raise dataset.DataError(f"{args.data} holds both volumes and 2D slices. Pass a folder of one kind.")
-            split = dataset.volume_split(dataset.list_volumes(args.data), root=args.data,
-                                         slice_axis=config.get("slice_axis") or "axial", slices=config.get("slices"),
-                                         on_bad=on_bad)
-            return split, "volumes", []
+            return volume_folder(args.data, config, on_bad), "volumes", []
         files = dataset.make_split(dataset.list_images(args.data))
         if not len(files):
             raise dataset.DataError(f"no images found: {args.data} holds no .png/.jpg/.jpeg files.")
@@ -115,6 +110,15 @@ def resolve_split(run, config, args):
                            "to know its split. Pass --run, or --split all --data FOLDER.")
     source = run.source(data=args.data, on_bad=on_bad, split_seed=args.split_seed)
     return source.splits[args.split], source.kind, source.notes
+
+
+def volume_folder(folder, config, on_bad="error"):
+    """Every kept slice of the volumes under `folder`, sliced as the run's data were (its axis and kept slices)."""
+    if dataset.list_images(folder):
+        raise dataset.DataError(f"{folder} holds both volumes and 2D slices. Pass a folder of one kind.")
+    paths = dataset.list_volumes(folder, unpaired="skip" if on_bad == "skip" else "error")
+    return dataset.volume_split(paths, root=folder, slice_axis=config.get("slice_axis") or "axial",
+                                slices=config.get("slices"), on_bad=on_bad)
 
 
 def reconstruct_split(model, split, image_size, fit="pad", batch_size=16, export_codes=False, save_to=None,
@@ -271,11 +275,15 @@ def generation_quality(samples, vqvae, run, source, config, args, log=print):
         folder = Path(args.reference_data)
         if not folder.is_dir():
             raise PredictError(f"--reference-data: folder not found: {folder}. Pass a folder of real slices.")
-        reference_split = dataset.make_split(dataset.list_images(folder))
+        if dataset.holds_volumes(folder):
+            reference_split = volume_folder(folder, config, "skip" if args.skip_bad else "error")
+        else:
+            reference_split = dataset.make_split(dataset.list_images(folder))
         if not len(reference_split):
             raise dataset.DataError(f"no images found: --reference-data {folder} holds no .png/.jpg/.jpeg files.")
-        reference_split, _ = dataset.check_split("reference", reference_split,
-                                                 on_bad="skip" if args.skip_bad else "error")
+        if not dataset.holds_volumes(folder):
+            reference_split, _ = dataset.check_split("reference", reference_split,
+                                                     on_bad="skip" if args.skip_bad else "error")
     else:
         reference_split = source.splits["test"]
     n = min(len(samples), len(reference_split), len(train))
@@ -571,15 +579,13 @@ def _images_to_compress(target, config, vq_config=None):
     target = Path(target)
     vq_config = vq_config or {}
     if (target.is_dir() and dataset.holds_volumes(target)) or (target.is_file() and volumes.is_volume(target)):
-        if target.is_dir() and dataset.list_images(target):
-            raise dataset.DataError(f"{target} holds both volumes and 2D slices. Pass a folder of one kind.")
         root = target if target.is_dir() else target.parent
         if target.is_dir():
-            paths = dataset.list_volumes(target)
+            split = volume_folder(target, vq_config)
         else:
-            paths = [str(target.with_suffix(".hdr")) if target.suffix.lower() == ".img" else str(target)]
-        split = dataset.volume_split(paths, root=root, slice_axis=vq_config.get("slice_axis") or "axial",
-                                     slices=vq_config.get("slices"))
+            path = str(target.with_suffix(".hdr")) if target.suffix.lower() == ".img" else str(target)
+            split = dataset.volume_split([path], root=root, slice_axis=vq_config.get("slice_axis") or "axial",
+                                         slices=vq_config.get("slices"))
         names = [(Path(volumes.parse_reference(p)[0]).relative_to(root).parent / f"{dataset.item_name(p)}.png")
                  .as_posix() for p in split.paths]
     else:

@@ -774,7 +774,7 @@ def parse_args(argv=None):
                         help="vqvae, volume data (.nii, .nii.gz, Analyze .hdr/.img): the axis the volumes are sliced "
                              "across, found from each volume's affine (stored in the run)")
     parser.add_argument("--slices", default=None,
-                        help="vqvae, volume data: the slices kept, LO:HI (along the axis, from the right, posterior or "
+                        help="vqvae, volume data: the slices kept, LO:HI (along the axis, from the left, posterior or "
                              "inferior end) or a fraction (the central part of the non-empty slices); default: the "
                              "non-empty slices (stored in the run)")
     parser.add_argument("--verbose", default="auto", type=lambda v: v if v == "auto" else int(v),

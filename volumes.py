@@ -3,7 +3,7 @@
 This file has one job: let `dataset.py` treat a folder of 3D volumes like a
 folder of slices. A slice is named by a reference, `path#axial=87`: the
 volume file, the slice axis and the slice's place along it, counted from
-the right, posterior or inferior end (RAS order), whatever order the
+the left, posterior or inferior end (RAS order), whatever order the
 array is stored in. The pipeline reads each slice on demand with
 `read_slice`, so memory does not grow with the number or size of volumes.
 
@@ -25,12 +25,14 @@ array is stored in. The pipeline reads each slice on demand with
   subject and slice k of another mean the same height to the prior.
 
 Inspecting a volume reads it once in full (percentiles, the non-empty
-range); the result is remembered by (path, size, mtime) in a small JSON
-file in the cache folder, so later runs read only the headers.
+range); the result is remembered by the path, size and mtime of its files
+in a small JSON file in the cache folder, so later runs read only the
+headers.
 """
 
 import json
 import os
+import re
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,13 +72,20 @@ def stem(path):
     return name
 
 
-def list_volumes(folder):
+def list_volumes(folder, unpaired="error", warn=None):
     """Every volume under `folder`, recursively, sorted; an Analyze pair is named by its `.hdr`.
 
     Hidden files and folders are ignored.
 
+    Args:
+        folder: where to look.
+        unpaired: what an `.img` without its `.hdr` (or the reverse) does:
+            "error" raises, "skip" leaves it out with a warning, "ignore"
+            leaves it out silently.
+        warn: callable taking a warning message (for "skip").
+
     Raises:
-        VolumeError: an `.img` without the `.hdr` beside it.
+        VolumeError: an unpaired Analyze file, with `unpaired="error"`.
     """
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -85,14 +94,18 @@ def list_volumes(folder):
         for name in filenames:
             if name.startswith(".") or not is_volume(name):
                 continue
-            if name.lower().endswith(".img"):
-                if name[:-4].lower() + ".hdr" not in names:
-                    raise VolumeError(f"{os.path.join(dirpath, name)}: an Analyze .img without its .hdr header. "
-                                      "Put the .hdr beside it, or remove the .img.")
+            lower = name.lower()
+            other = {".img": ".hdr", ".hdr": ".img"}.get(lower[-4:])
+            if other and lower[:-4] + other not in names:
+                problem = (f"{os.path.join(dirpath, name)}: an Analyze {lower[-4:]} without its {other}. Put the "
+                           f"{other} beside it, or remove the {lower[-4:]}.")
+                if unpaired == "error":
+                    raise VolumeError(problem)
+                if unpaired == "skip" and warn is not None:
+                    warn(f"skipped {problem}")
+                continue
+            if lower.endswith(".img"):
                 continue  # the .hdr names the pair
-            if name.lower().endswith(".hdr") and name[:-4].lower() + ".img" not in names:
-                raise VolumeError(f"{os.path.join(dirpath, name)}: an Analyze .hdr header without its .img voxels. "
-                                  "Put the .img beside it, or remove the .hdr.")
             found.append(os.path.join(dirpath, name))
     return sorted(found)
 
@@ -106,12 +119,36 @@ def files_of(path):
     return [str(path)]
 
 
+SUBJECT_IN_NAME = re.compile(r"^(sub-[A-Za-z0-9]+|OAS\d_\d+)")
+
+
 def subject_of(path, root):
-    """A volume's subject: a BIDS-style `sub-XXX` folder above it, else its file stem."""
+    """A volume's subject: a BIDS `sub-XXX` folder above it, else a `sub-XXX` or OASIS `OAS1_0001` name
+    prefix, else its file stem.
+
+    Example:
+    >>> subject_of("/d/OAS1_0001_MR1/RAW/OAS1_0001_MR1_mpr-2_anon.hdr", "/d")
+    'OAS1_0001'
+    """
     for part in Path(path).relative_to(root).parts[:-1]:
         if part.startswith("sub-"):
             return part
-    return stem(path)
+    match = SUBJECT_IN_NAME.match(stem(path))
+    return match.group(1) if match else stem(path)
+
+
+def subjects_of(paths, root):
+    """`subject_of` for each path; a stem found in several folders (`100307/T1w.nii.gz`,
+    `100408/T1w.nii.gz`) names no subject, so those volumes take their folder below `root` as theirs."""
+    subjects = {p: subject_of(p, root) for p in paths}
+    folders = {}
+    for p in paths:
+        folders.setdefault(subjects[p], set()).add(str(Path(p).parent))
+    for p in paths:
+        if len(folders[subjects[p]]) > 1 and subjects[p] == stem(p):
+            subjects[p] = Path(p).relative_to(root).parts[0] if len(Path(p).relative_to(root).parts) > 1 \
+                else subjects[p]
+    return subjects
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +244,11 @@ def _orientation(img, path):
     if len(img.shape) > 4:
         raise VolumeError(f"{path} has {len(img.shape)} dimensions (shape {tuple(img.shape)}); 3D or 4D volumes "
                           "only.")
-    return nibabel.io_orientation(img.affine)
+    ornt = nibabel.io_orientation(img.affine)
+    if np.isnan(ornt).any():
+        raise VolumeError(f"{path} has an affine that names no direction for an axis (a zero voxel size?). Fix "
+                          "its header (pixdim, qform/sform) and re-save it.")
+    return ornt
 
 
 def _read_all(img, path):
@@ -258,39 +299,78 @@ def inspect_volume(path, axis="axial"):
                       int(full.min()), int(full.max()))
 
 
-_MEMO = {}
+_MEMO = {}  # (absolute path, axis) -> VolumeInfo, for this process: what the split was made with
 
 
 def _key(path, axis):
-    stat = os.stat(path)
-    return f"v{INFO_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{axis}"
+    stats = [os.stat(f) for f in files_of(path)]
+    return "|".join([f"v{INFO_VERSION}", os.path.abspath(path), axis,
+                     *(f"{st.st_size}:{st.st_mtime_ns}" for st in stats)])
+
+
+def _read_store(file):
+    try:
+        return json.loads(file.read_text()) if file is not None and file.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # a damaged cache is only a cache
+
+
+def _write_store(file, store):
+    file.parent.mkdir(parents=True, exist_ok=True)
+    merged = {**_read_store(file), **store}  # keep what another process added meanwhile
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(merged))
+    os.replace(tmp, file)
+
+
+def infos(paths, axis="axial", cache_dir=None, on_error=None, progress=None):
+    """`inspect_volume` for many volumes, each remembered on disk (with `cache_dir`) by the path, size and mtime
+    of its files, so a later run reads only what is new or changed; the store is read once and written once.
+
+    Args:
+        paths: volume files.
+        axis: the slice axis.
+        cache_dir: the folder of the store (`volume_info.json`), or None.
+        on_error: callable taking (path, VolumeError) for a bad volume, which is then left out; None raises.
+        progress: callable called once per volume, or None.
+
+    Returns:
+        A dict path -> `VolumeInfo`.
+    """
+    file = Path(cache_dir) / INFO_FILE if cache_dir else None
+    store, added, found = _read_store(file), {}, {}
+    try:
+        for path in paths:
+            try:
+                key = _key(path, axis)
+                if key in store:
+                    fields = store[key]
+                    info = VolumeInfo(**{**fields, "shape": tuple(fields["shape"])})
+                else:
+                    info = inspect_volume(path, axis)
+                    added[key] = asdict(info)
+                    if file is not None and len(added) % 50 == 0:  # an interrupted first pass keeps its work
+                        _write_store(file, added)
+            except (VolumeError, OSError) as err:
+                err = err if isinstance(err, VolumeError) else VolumeError(f"cannot read {path} ({err.strerror})")
+                if on_error is None:
+                    raise err from None
+                on_error(path, err)
+                continue
+            finally:
+                if progress is not None:
+                    progress()
+            found[path] = _MEMO[(os.path.abspath(path), axis)] = info
+    finally:
+        if file is not None and added:
+            _write_store(file, added)
+    return found
 
 
 def info_of(path, axis="axial", cache_dir=None):
-    """`inspect_volume`, remembered in this process and (with `cache_dir`) on disk by path, size and mtime."""
-    key = _key(path, axis)
-    if key in _MEMO:
-        return _MEMO[key]
-    stored = {}
-    file = Path(cache_dir) / INFO_FILE if cache_dir else None
-    if file is not None and file.is_file():
-        try:
-            stored = json.loads(file.read_text())
-        except (OSError, ValueError):
-            stored = {}  # a damaged cache is only a cache
-    if key in stored:
-        fields = stored[key]
-        info = VolumeInfo(**{**fields, "shape": tuple(fields["shape"])})
-    else:
-        info = inspect_volume(path, axis)
-        if file is not None:
-            stored[key] = asdict(info)
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(stored))
-            os.replace(tmp, file)
-    _MEMO[key] = info
-    return info
+    """The `VolumeInfo` this process made its split with, else `infos` of the one volume."""
+    known = _MEMO.get((os.path.abspath(path), axis))
+    return known if known is not None else infos([path], axis, cache_dir)[path]
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +379,7 @@ def info_of(path, axis="axial", cache_dir=None):
 
 
 def reference(path, axis, k):
-    """The name of slice `k` (RAS order) of a volume: `path#axial=87`."""
+    """The name of slice `k` (RAS order: from the left, posterior or inferior end) of a volume: `path#axial=87`."""
     return f"{path}#{axis}={k}"
 
 
@@ -333,6 +413,9 @@ def read_slice(name, cache_dir=None):
     info = info_of(path, axis, cache_dir)
     img = _load(path)
     ornt = _orientation(img, path)
+    if not 0 <= k < info.n_slices:
+        raise VolumeError(f"{path} has no {axis} slice {k} (it has {info.n_slices}); it changed after the split. "
+                          "Start the run again.")
     index = [slice(None)] * len(img.shape)
     index[info.array_axis] = info.n_slices - 1 - k if info.flip else k
     if len(img.shape) == 4:

@@ -100,7 +100,7 @@ def originals_of(split):
     """The split's slices at their original size, as the model's pipeline decodes them, 8-bit (h, w)."""
     images = []
     for path in split.paths:
-        image = dataset.decode_image(tf.io.read_file(path)).numpy()[..., 0]
+        image = dataset.load_image(path)[..., 0]
         images.append(np.round(image * 255).astype(np.uint8))
     return images
 
@@ -149,7 +149,7 @@ def at_quality(curve, target):
 
 def measure_ours(run, split, log=print):
     """Compresses and decompresses the split with the run; the row of our codec, named by its code grid."""
-    names = [f"{i:05d}_{Path(p).name}" for i, p in enumerate(split.paths)]
+    names = [f"{i:05d}_{dataset.item_name(p)}.png" for i, p in enumerate(split.paths)]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "test.bvq"
         t0 = time.perf_counter()

@@ -187,6 +187,8 @@ def test_the_same_slice_level_means_the_same_height_in_every_subject(tmp_path):
     for s in (0, 1):
         levels = split.slices[split.subjects == s]
         assert levels[0] == 0 and levels[-1] == volumes.LEVELS - 1 and (np.diff(levels) >= 0).all()
+        # Halfway up each head is level 16, a quarter of the way level 8, whatever its height.
+        assert levels[len(levels) // 2] == 16 and levels[len(levels) // 4] == 8
 
 
 @pytest.mark.parametrize("damage, expect", [
@@ -195,6 +197,7 @@ def test_the_same_slice_level_means_the_same_height_in_every_subject(tmp_path):
     ("flat", "not a 3D volume"),
     ("img_without_hdr", "without its .hdr"),
     ("hdr_without_img", "without its .img"),
+    ("no_direction", "names no direction"),
     ("empty", "is empty"),
 ])
 def test_bad_volumes_give_one_line_naming_the_file(tmp_path, damage, expect):
@@ -213,6 +216,12 @@ def test_bad_volumes_give_one_line_naming_the_file(tmp_path, damage, expect):
         save(phantom_volume(9, n_slices=4)[0], root / "bad.hdr", np.eye(4), kind=nib.AnalyzeImage)
         (root / "bad.hdr").unlink()
         bad = root / "bad.img"
+    elif damage == "no_direction":
+        img = nib.Nifti1Image(phantom_volume(9, n_slices=4)[0], np.eye(4))
+        img.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=2)  # a zero voxel size along y
+        img.set_qform(None, code=0)
+        bad = root / "bad.nii"
+        nib.save(img, str(bad))
     elif damage == "hdr_without_img":
         bad = save(phantom_volume(9, n_slices=4)[0], root / "bad.hdr", np.eye(4), kind=nib.AnalyzeImage)
         (root / "bad.img").unlink()
@@ -222,11 +231,11 @@ def test_bad_volumes_give_one_line_naming_the_file(tmp_path, damage, expect):
         dataset.load_source(str(root), cache_dir=tmp_path / "cache")
     message = str(err.value)
     assert "\n" not in message and str(bad) in message and expect in message, message
-    if not damage.endswith("without_hdr") and not damage.endswith("without_img"):  # left out, by name
-        warnings = []
-        source = dataset.load_source(str(root), on_bad="skip", cache_dir=tmp_path / "cache", warn=warnings.append)
-        assert len(warnings) == 1 and str(bad) in warnings[0]
-        assert not any(str(bad) in p for s in source.splits.values() for p in s.paths)
+    # Every bad volume can be left out, by name.
+    warnings = []
+    source = dataset.load_source(str(root), on_bad="skip", cache_dir=tmp_path / "cache", warn=warnings.append)
+    assert len(warnings) == 1 and str(bad) in warnings[0]
+    assert not any(str(bad) in p for s in source.splits.values() for p in s.paths)
 
 
 def test_analyze_pairs_are_read_and_mixed_folders_refused(tmp_path):
@@ -245,10 +254,59 @@ def test_analyze_pairs_are_read_and_mixed_folders_refused(tmp_path):
         dataset.load_source(str(root), cache_dir=tmp_path / "cache")
 
 
+def test_inspections_are_remembered_on_disk_until_a_file_changes(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    nii = save(phantom_volume(1, n_slices=6)[0], tmp_path / "a.nii")
+    hdr = save(phantom_volume(2, n_slices=6)[0], tmp_path / "b.hdr", np.eye(4), kind=nib.AnalyzeImage)
+    first = volumes.infos([str(nii), str(hdr)], cache_dir=cache)
+    volumes._MEMO.clear()  # as a new process
+
+    def no_reading(path, axis="axial"):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(volumes, "inspect_volume", no_reading)
+    assert volumes.infos([str(nii), str(hdr)], cache_dir=cache) == first  # from the headers alone
+    monkeypatch.undo()
+    # A changed file, even the .img of an Analyze pair, is inspected afresh.
+    save(phantom_volume(3, n_slices=6)[0] * 3, tmp_path / "c.hdr", np.eye(4), kind=nib.AnalyzeImage)
+    (tmp_path / "c.img").replace(tmp_path / "b.img")
+    again = volumes.infos([str(nii), str(hdr)], cache_dir=cache)
+    assert again[str(nii)] == first[str(nii)] and again[str(hdr)].hi != first[str(hdr)].hi
+
+
+def test_subjects_from_bids_oasis_names_and_repeated_stems(tmp_path):
+    paths = [tmp_path / "OAS1_0001_MR1" / "RAW" / f"OAS1_0001_MR1_mpr-{i}_anon.hdr" for i in (1, 2)]
+    paths += [tmp_path / "100307" / "T1w.nii.gz", tmp_path / "100408" / "T1w.nii.gz",
+              tmp_path / "flat" / "sub-07_T1w.nii.gz", tmp_path / "flat" / "IXI002-Guys-0828-T1.nii.gz",
+              tmp_path / "sub-09" / "anat" / "run1.nii"]
+    subjects = volumes.subjects_of([str(p) for p in paths], tmp_path)
+    assert list(subjects.values()) == ["OAS1_0001", "OAS1_0001", "100307", "100408", "sub-07",
+                                       "IXI002-Guys-0828-T1", "sub-09"]
+
+
+def test_a_stray_analyze_half_in_a_folder_of_slices_is_not_a_volume(tmp_path):
+    from conftest import brain_like, write_image
+
+    for i in range(12):
+        write_image(tmp_path / "slices" / f"img_{i:02d}.png", brain_like(seed=i))
+    (tmp_path / "slices" / "disk.img").write_bytes(b"\0" * 64)
+    source = dataset.load_source(str(tmp_path / "slices"), cache_dir=tmp_path / "cache")
+    assert source.kind == "folder" and sum(len(s) for s in source.splits.values()) == 12
+
+
 def test_volumes_train_reconstruct_generate_and_compress_with_only_data(tmp_path):
     root = bids_folder(tmp_path / "bids", subjects=6, n_slices=8)
     run = tmp_path / "run"
     assert command(train, "--data", root, "--run", run, "--epochs", "1", "--loss", "mse", *TINY).returncode == 0
+    # Another axis and half the slices, stored in the run: the prior and predict.py slice the same way.
+    coronal = tmp_path / "coronal"
+    assert command(train, "--data", root, "--run", coronal, "--epochs", "1", "--loss", "mse", "--slice-axis",
+                   "coronal", "--slices", "0.5", *TINY).returncode == 0
+    assert command(train, *PRIOR, "--run", coronal, "--epochs", "1").returncode == 0
+    done = command(predict, "--run", coronal, "--split", "all", "--data", root, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert last_json(done.stdout)["n_images"] == sum(
+        len(volumes.infos([v], "coronal")[v].kept("0.5")) for v in volumes.list_volumes(root))
     assert command(train, *PRIOR, "--run", run, "--epochs", "1").returncode == 0
     done = command(predict, "--run", run, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -256,7 +314,7 @@ def test_volumes_train_reconstruct_generate_and_compress_with_only_data(tmp_path
     assert summary["source"] == "volumes" and summary["n_images"] > 0 and 0 < summary["ssim_mean"] <= 1
     done = command(predict, "--run", run, "--split", "all", "--data", root, "--json")
     assert done.returncode == 0 and last_json(done.stdout)["n_images"] == sum(
-        len(volumes.info_of(v).kept()) for v in volumes.list_volumes(root)), done.stderr[-2000:]
+        len(volumes.infos([v])[v].kept()) for v in volumes.list_volumes(root)), done.stderr[-2000:]
     done = command(predict, "--run", run, "--generate", "4", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     volume = next(root.rglob("sub-02_T1w.nii.gz"))
