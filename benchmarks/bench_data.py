@@ -38,6 +38,15 @@ sys.path.insert(0, str(REPO / "tests"))
 from memory_worker import load_all_volumes, peak_rss_mb, write_png_set, write_volume_set  # noqa: E402
 
 
+def stream_epoch(dataset, split, batch_size):
+    """One shuffled epoch of the pipeline over `split`: images, images/s and the peak RSS after it."""
+    ds = dataset.make_dataset(split, image_size=256, batch_size=batch_size, shuffle=True, seed=0)
+    start = time.perf_counter()
+    n = sum(int(batch.shape[0]) for batch in ds)
+    seconds = time.perf_counter() - start
+    return {"images": n, "images_per_s": n / seconds, "peak_rss_mb": peak_rss_mb()}
+
+
 def worker_ours(folder, batch_size=32):
     sys.path.insert(0, str(REPO))
     import dataset
@@ -46,12 +55,7 @@ def worker_ours(folder, batch_size=32):
     start = time.perf_counter()
     split, _ = dataset.check_split("bench", dataset.make_split(dataset.list_images(folder)))
     check_s = time.perf_counter() - start
-    ds = dataset.make_dataset(split, image_size=256, batch_size=batch_size, shuffle=True, seed=0)
-    start = time.perf_counter()
-    n = sum(int(batch.shape[0]) for batch in ds)
-    seconds = time.perf_counter() - start
-    return {"images": n, "images_per_s": n / seconds, "check_s": check_s, "peak_rss_mb": peak_rss_mb(),
-            "rss_after_import_mb": baseline}
+    return {**stream_epoch(dataset, split, batch_size), "check_s": check_s, "rss_after_import_mb": baseline}
 
 
 def worker_volumes(folder, batch_size=32):
@@ -65,12 +69,7 @@ def worker_volumes(folder, batch_size=32):
     split = dataset.volume_split(volumes.list_volumes(folder), root=folder, cache_dir=Path(folder) / ".cache",
                                  progress=False)
     inspect_s = time.perf_counter() - start
-    ds = dataset.make_dataset(split, image_size=256, batch_size=batch_size, shuffle=True, seed=0)
-    start = time.perf_counter()
-    n = sum(int(batch.shape[0]) for batch in ds)
-    seconds = time.perf_counter() - start
-    return {"images": n, "images_per_s": n / seconds, "inspect_s": inspect_s, "peak_rss_mb": peak_rss_mb(),
-            "rss_after_import_mb": baseline}
+    return {**stream_epoch(dataset, split, batch_size), "inspect_s": inspect_s, "rss_after_import_mb": baseline}
 
 
 def worker_volumes_held(folder):
