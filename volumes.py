@@ -28,12 +28,23 @@ Inspecting a volume reads it once in full (percentiles, the non-empty
 range); the result is remembered by the path, size and mtime of its files
 in a small JSON file in the cache folder, so later runs read only the
 headers.
+
+A gzipped volume cannot be sought in: reaching a slice means decompressing
+the stream up to it. So when it is inspected, its seek points (one every
+`GZ_SPACING` bytes of voxels, with the 32 KB of history each needs) are
+saved beside that JSON file by `indexed_gzip`, and each process keeps the
+last `OPEN_VOLUMES` volumes it read open (gzipped ones with their points):
+a slice then costs at most `GZ_SPACING` bytes of decompression, whatever
+its place, and no header is parsed twice.
 """
 
+import hashlib
 import json
 import os
 import re
+import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +58,9 @@ LEVELS = 32  # slice levels the prior conditions on (the OASIS PNGs have 32 slic
 PERCENTILES = (0.5, 99.5)
 INFO_VERSION = 1  # bump when inspection changes: older remembered results are ignored
 INFO_FILE = "volume_info.json"
+INDEX_FOLDER = "gzip_index"  # beside INFO_FILE: one `indexed_gzip` index of seek points per .nii.gz
+GZ_SPACING = 1 << 20  # bytes of voxels between seek points (each point stores 32 KB)
+OPEN_VOLUMES = 32  # volumes a process keeps open, headers parsed, .nii.gz with seek points (least recent closed)
 
 
 class VolumeError(ValueError):
@@ -224,11 +238,11 @@ def parse_keep(keep):
                           f"slices={keep!r}") from None
 
 
-def _load(path):
+def _load(path, mmap=True):
     import nibabel
 
     try:
-        return nibabel.load(path)
+        return nibabel.load(path, mmap=mmap)
     except Exception as err:  # nibabel raises many kinds for a damaged header
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise VolumeError(f"cannot read the volume {path} ({reason}). Re-export it as NIfTI, or remove it.") \
@@ -300,6 +314,9 @@ def inspect_volume(path, axis="axial"):
 
 
 _MEMO = {}  # (absolute path, axis) -> VolumeInfo, for this process: what the split was made with
+_INDEX_HOME = {}  # absolute path of a .nii.gz -> the folder `infos` keeps its seek points in
+_OPEN = OrderedDict()  # `_gz_signature` of a .nii.gz -> its image, reading through its seek points
+_OPEN_LOCK = threading.Lock()  # the pipeline reads slices on several threads
 
 
 def _key(path, axis):
@@ -321,6 +338,38 @@ def _write_store(file, store):
     tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(merged))
     os.replace(tmp, file)
+
+
+def _signature(path):
+    """A volume's absolute path and the size and mtime of its files: what an open image and seek points
+    belong to."""
+    return "|".join([os.path.abspath(path), *(f"{st.st_size}:{st.st_mtime_ns}"
+                                              for st in map(os.stat, files_of(path)))])
+
+
+def _index_file(path, folder):
+    return Path(folder) / f"{hashlib.sha1(_signature(path).encode()).hexdigest()[:20]}.gzidx"
+
+
+def _ensure_index(path, folder):
+    """The file of `path`'s gzip seek points in `folder`, written now (atomically) if absent; None if it cannot
+    be. Its name hashes the path, size and mtime, so a changed file never meets an old index."""
+    import indexed_gzip
+
+    index = _index_file(path, folder)
+    if index.is_file():
+        return index
+    tmp = index.with_name(f".{index.name}.tmp-{os.getpid()}")
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        with indexed_gzip.IndexedGzipFile(str(path), spacing=GZ_SPACING) as stream:
+            stream.build_full_index()
+            stream.export_index(str(tmp))
+        os.replace(tmp, index)
+        return index
+    except (OSError, ValueError):  # the index only speeds reading up: without it, slices are still read right
+        tmp.unlink(missing_ok=True)
+        return None
 
 
 def infos(paths, axis="axial", cache_dir=None, on_error=None, progress=None):
@@ -361,6 +410,9 @@ def infos(paths, axis="axial", cache_dir=None, on_error=None, progress=None):
                 if progress is not None:
                     progress()
             found[path] = _MEMO[(os.path.abspath(path), axis)] = info
+            if file is not None and str(path).endswith(".gz"):
+                _INDEX_HOME[os.path.abspath(path)] = file.parent / INDEX_FOLDER
+                _ensure_index(path, file.parent / INDEX_FOLDER)
     finally:
         if file is not None and added:
             _write_store(file, added)
@@ -403,15 +455,64 @@ def slice_name(name):
     return f"{stem(path)}_{axis}{k:03d}"
 
 
+def _open(path):
+    """The image to read `path`'s slices from, its header parsed once: the last `OPEN_VOLUMES` read are kept
+    (without memory maps, so memory stays flat); a `.nii.gz` reads through its saved seek points."""
+    try:
+        key = _signature(path)  # a file replaced since it was opened is opened again
+    except OSError as err:
+        raise VolumeError(f"cannot read {path} ({err.strerror}); it moved after the split. Start the run "
+                          "again.") from None
+    with _OPEN_LOCK:
+        if key in _OPEN:
+            _OPEN.move_to_end(key)
+            return _OPEN[key]
+    if str(path).endswith(".gz"):
+        home = _INDEX_HOME.get(os.path.abspath(path))
+        index = _index_file(path, home) if home is not None else None
+        img = _load_indexed(path, index if index is not None and index.is_file() else None)
+    else:
+        img = _load(path, mmap=False)
+    with _OPEN_LOCK:
+        _OPEN[key] = img
+        while len(_OPEN) > OPEN_VOLUMES:
+            _OPEN.popitem(last=False)  # its stream closes when the last reader lets go of it
+    return img
+
+
+def _load_indexed(path, index):
+    """`path` (a .nii.gz) as a nibabel image over an `indexed_gzip` stream (thread-safe), with the seek points
+    in `index` if given; a damaged index or an unusual header falls back to `_load`."""
+    import indexed_gzip
+    import nibabel
+
+    try:
+        # Small buffers: indexed_gzip's default read-ahead (4x the spacing) decompresses 4 MB for each slice
+        # and holds it; 128 KB read 3.3x faster here (random axial slices of 192x192 int16, one thread).
+        stream = indexed_gzip.IndexedGzipFile(str(path), spacing=GZ_SPACING, buffer_size=1 << 17,
+                                              readbuf_size=1 << 16,
+                                              index_file=str(index) if index is not None else None)
+    except (OSError, ValueError):
+        return _load(path)
+    for kind in (nibabel.Nifti1Image, nibabel.Nifti2Image):
+        try:
+            stream.seek(0)
+            return kind.from_file_map({"image": nibabel.FileHolder(str(path), fileobj=stream)})
+        except Exception:  # noqa: BLE001 - not this kind of header; `_load` names any real damage
+            continue
+    stream.close()
+    return _load(path)
+
+
 def read_slice(name, cache_dir=None):
     """Reads one slice by its reference, oriented and scaled: float32 (H, W, 1) in [0, 1].
 
     Only that slice is read from the file (for `.nii.gz`, the stream is
-    decompressed up to it, never held whole).
+    decompressed from the seek point before it, never held whole).
     """
     path, axis, k = parse_reference(name)
     info = info_of(path, axis, cache_dir)
-    img = _load(path)
+    img = _open(path)
     ornt = _orientation(img, path)
     if not 0 <= k < info.n_slices:
         raise VolumeError(f"{path} has no {axis} slice {k} (it has {info.n_slices}); it changed after the split. "
@@ -441,7 +542,7 @@ def slice_shape(name, cache_dir=None):
     """`(height, width)` of a referenced slice as `read_slice` gives it, from the header alone."""
     path, axis, _ = parse_reference(name)
     info = info_of(path, axis, cache_dir)
-    img = _load(path)
+    img = _open(path)
     ornt = _orientation(img, path)
     rows, cols = [a for a in range(3) if a != info.array_axis]
     if ornt[rows, 0] != SHOWN[axis][0]:

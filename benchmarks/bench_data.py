@@ -13,8 +13,10 @@ measures, each in a fresh process so peak memory is its own:
 With `--volumes 4 32`, the same for folders of that many NIfTI volumes
 (192x192x128 int16 phantom heads, 18.9 MB each as float32), uncompressed
 and gzipped: the one-off inspection (each volume read once in full), then
-one shuffled epoch of every slice streamed from the files; against reading
-every volume into memory.
+one shuffled epoch of every slice streamed from the files; against the
+same with each slice's volume opened afresh (the reader before volumes were
+kept open with their gzip seek points) and against reading every volume
+into memory.
 
 Usage:
     python benchmarks/bench_data.py [--sizes 1000 10000] [--volumes 4 32] [--json]
@@ -58,11 +60,18 @@ def worker_ours(folder, batch_size=32):
     return {**stream_epoch(dataset, split, batch_size), "check_s": check_s, "rss_after_import_mb": baseline}
 
 
-def worker_volumes(folder, batch_size=32):
-    """Our loader over volumes: inspection (timed apart), then one shuffled epoch of every kept slice."""
+def worker_volumes(folder, batch_size=32, reopened=False):
+    """Our loader over volumes: inspection (timed apart), then one shuffled epoch of every kept slice.
+
+    With `reopened`, the baseline: each slice's volume opened afresh (header parsed, a .nii.gz
+    decompressed from its start up to the slice), as the reader did before volumes were kept open.
+    """
     sys.path.insert(0, str(REPO))
     import dataset
     import volumes
+
+    if reopened:
+        volumes._open = volumes._load
 
     baseline = peak_rss_mb()
     start = time.perf_counter()
@@ -164,6 +173,7 @@ def main(argv=None):
         kind, *rest = args.worker
         result = {"ours": lambda: worker_ours(rest[0]), "seed": lambda: worker_seed(rest[0]),
                   "volumes": lambda: worker_volumes(rest[0]), "volumes_held": lambda: worker_volumes_held(rest[0]),
+                  "volumes_reopened": lambda: worker_volumes(rest[0], reopened=True),
                   "train": worker_train}[kind]()
         print(json.dumps(result))
         return 0
@@ -189,6 +199,9 @@ def main(argv=None):
                 ours = run_worker("volumes", folder)
                 rows.append((f"ours, {suffix} volumes", n, ours["images_per_s"], ours["peak_rss_mb"]))
                 summary[f"volumes_{suffix[1:]}_{n}"] = ours
+                base = run_worker("volumes_reopened", folder)
+                rows.append(("  baseline: reopened per slice", n, base["images_per_s"], base["peak_rss_mb"]))
+                summary[f"volumes_reopened_{suffix[1:]}_{n}"] = base
                 if not args.skip_seed:
                     held = run_worker("volumes_held", folder)
                     rows.append((f"all {suffix} volumes in memory", n, held["images_per_s"], held["peak_rss_mb"]))
@@ -211,6 +224,8 @@ def main(argv=None):
             summary[f"volumes_{suffix}_rss_ratio"] = ratio
             summary[f"volumes_{suffix}_vs_training"] = (summary[f"volumes_{suffix}_{many}"]["images_per_s"]
                                                        / summary["train_images_per_s"])
+            summary[f"volumes_{suffix}_vs_reopened"] = (summary[f"volumes_{suffix}_{many}"]["images_per_s"]
+                                                       / summary[f"volumes_reopened_{suffix}_{many}"]["images_per_s"])
 
     print(f"{'loader':32s} {'files':>7s} {'images/s':>10s} {'peak RSS MB':>12s}")
     for name, n, rate, rss in rows:
@@ -225,7 +240,8 @@ def main(argv=None):
           f"header check of {large} files took {summary[f'ours_{large}']['check_s']:.2f} s")
     for suffix in ("nii", "nii.gz") if args.volumes else ():
         print(f"ours, .{suffix} volumes: RSS {many}/{few} volumes = {summary[f'volumes_{suffix}_rss_ratio']:.2f}x; "
-              f"pipeline = {summary[f'volumes_{suffix}_vs_training']:.1f}x training consumption; inspecting "
+              f"pipeline = {summary[f'volumes_{suffix}_vs_training']:.1f}x training consumption and "
+              f"{summary[f'volumes_{suffix}_vs_reopened']:.2f}x the reopening baseline; inspecting "
               f"{many} volumes took {summary[f'volumes_{suffix}_{many}']['inspect_s']:.1f} s (once)")
     if args.json:
         print(json.dumps(summary))

@@ -274,6 +274,43 @@ def test_inspections_are_remembered_on_disk_until_a_file_changes(tmp_path, monke
     assert again[str(nii)] == first[str(nii)] and again[str(hdr)].hi != first[str(hdr)].hi
 
 
+def test_gzipped_volumes_are_read_through_seek_points_saved_at_inspection(tmp_path, monkeypatch):
+    """Every slice of a .nii.gz, read in random order on several threads through the seek points saved when it
+    was inspected, is the known slice; a damaged index, a replaced file and more volumes than are kept open
+    still read right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(volumes, "GZ_SPACING", 65536)  # many seek points in a small volume
+    monkeypatch.setattr(volumes, "OPEN_VOLUMES", 2)
+    monkeypatch.setattr(volumes, "_OPEN", type(volumes._OPEN)())
+    cache = tmp_path / "cache"
+    heads = {s: phantom_volume(s, n_slices=16, size=96) for s in (1, 2, 3)}
+    paths = {s: str(save(data, tmp_path / f"sub-0{s}.nii.gz")) for s, (data, _) in heads.items()}
+    volumes.infos(list(paths.values()), cache_dir=cache)
+    index = volumes._index_file(paths[1], cache / volumes.INDEX_FOLDER)
+    assert index.is_file()
+    img = volumes._open(paths[1])  # opened with its saved points, before any read:
+    fresh = volumes._load_indexed(paths[1], None)
+    assert len(list(img.dataobj.file_like.seek_points())) > 2 >= len(list(fresh.dataobj.file_like.seek_points()))
+
+    refs = [(s, k) for s in heads for k in range(16)] * 2
+    np.random.default_rng(0).shuffle(refs)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda ref: volumes.read_slice(volumes.reference(paths[ref[0]], "axial", ref[1])),
+                            refs))
+    for (s, k), image in zip(refs, got):
+        data, shown = heads[s]
+        np.testing.assert_allclose(image[..., 0], scaled(shown[k], data), atol=1e-6)
+    assert len(volumes._OPEN) <= 2  # three volumes read, two kept open
+
+    volumes._OPEN.clear()
+    index.write_bytes(b"not an index")  # a damaged index is only a slower read
+    np.testing.assert_array_equal(volumes._open(paths[1]).dataobj[..., 7], heads[1][0][..., 7])
+    # A file replaced after its index was saved is never read through the old points.
+    save(heads[3][0] * 2 + 1, tmp_path / "sub-01.nii.gz")
+    np.testing.assert_array_equal(volumes._open(paths[1]).dataobj[..., 7], heads[3][0][..., 7] * 2 + 1)
+
+
 def test_subjects_from_bids_oasis_names_and_repeated_stems(tmp_path):
     paths = [tmp_path / "OAS1_0001_MR1" / "RAW" / f"OAS1_0001_MR1_mpr-{i}_anon.hdr" for i in (1, 2)]
     paths += [tmp_path / "100307" / "T1w.nii.gz", tmp_path / "100408" / "T1w.nii.gz",
