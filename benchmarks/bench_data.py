@@ -64,14 +64,17 @@ def worker_volumes(folder, batch_size=32, reopened=False):
     """Our loader over volumes: inspection (timed apart), then one shuffled epoch of every kept slice.
 
     With `reopened`, the baseline: each slice's volume opened afresh (header parsed, a .nii.gz
-    decompressed from its start up to the slice), as the reader did before volumes were kept open.
+    decompressed by Python's gzip from its start up to the slice), as the reader did before volumes
+    were kept open. nibabel must not find indexed_gzip then: reopening through it is slower still.
     """
+    if reopened:
+        sys.modules["indexed_gzip"] = None  # before nibabel is imported
     sys.path.insert(0, str(REPO))
     import dataset
     import volumes
 
     if reopened:
-        volumes._open = volumes._load
+        volumes._open, volumes._ensure_index = volumes._load, lambda *args: None
 
     baseline = peak_rss_mb()
     start = time.perf_counter()
