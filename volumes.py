@@ -32,10 +32,13 @@ headers.
 A gzipped volume cannot be sought in: reaching a slice means decompressing
 the stream up to it. So when it is inspected, its seek points (one every
 `GZ_SPACING` bytes of voxels, with the 32 KB of history each needs) are
-saved beside that JSON file by `indexed_gzip`, and each process keeps the
-last `OPEN_VOLUMES` volumes it read open (gzipped ones with their points):
-a slice then costs at most `GZ_SPACING` bytes of decompression, whatever
-its place, and no header is parsed twice.
+saved beside that JSON file by `indexed_gzip` (one more pass over the
+file), and each process keeps the last `OPEN_VOLUMES` volumes it read
+open, headers parsed, gzipped ones with their points. A slice across the
+last stored axis (one run of bytes; axial for most scanners' files) then
+costs at most `GZ_SPACING` bytes of decompression, wherever it lies; a
+slice across another stored axis is scattered over the file, and is cut
+from one read of the whole volume.
 """
 
 import hashlib
@@ -315,7 +318,7 @@ def inspect_volume(path, axis="axial"):
 
 _MEMO = {}  # (absolute path, axis) -> VolumeInfo, for this process: what the split was made with
 _INDEX_HOME = {}  # absolute path of a .nii.gz -> the folder `infos` keeps its seek points in
-_OPEN = OrderedDict()  # `_gz_signature` of a .nii.gz -> its image, reading through its seek points
+_OPEN = OrderedDict()  # `_signature` of a volume -> its image (a .nii.gz reading through its seek points)
 _OPEN_LOCK = threading.Lock()  # the pipeline reads slices on several threads
 
 
@@ -340,20 +343,32 @@ def _write_store(file, store):
     os.replace(tmp, file)
 
 
+def _gzipped(path):
+    return str(path).lower().endswith(".gz")
+
+
+_FILES = {}  # absolute path -> `files_of` it, found once per process (an Analyze pair means listing a folder)
+
+
 def _signature(path):
     """A volume's absolute path and the size and mtime of its files: what an open image and seek points
     belong to."""
-    return "|".join([os.path.abspath(path), *(f"{st.st_size}:{st.st_mtime_ns}"
-                                              for st in map(os.stat, files_of(path)))])
+    key = os.path.abspath(path)
+    if key not in _FILES:
+        _FILES[key] = files_of(key)
+    return "|".join([key, *(f"{st.st_size}:{st.st_mtime_ns}" for st in map(os.stat, _FILES[key]))])
 
 
 def _index_file(path, folder):
-    return Path(folder) / f"{hashlib.sha1(_signature(path).encode()).hexdigest()[:20]}.gzidx"
+    """`<hash of the path>-<hash of the path, size and mtime>.gzidx`: a changed file never meets an old index,
+    and the old one is found by its first half."""
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    return Path(folder) / f"{digest}-{hashlib.sha1(_signature(path).encode()).hexdigest()[:16]}.gzidx"
 
 
 def _ensure_index(path, folder):
-    """The file of `path`'s gzip seek points in `folder`, written now (atomically) if absent; None if it cannot
-    be. Its name hashes the path, size and mtime, so a changed file never meets an old index."""
+    """The file of `path`'s gzip seek points in `folder`, written now (atomically, replacing those of an older
+    version of the file) if absent; None if it cannot be."""
     import indexed_gzip
 
     index = _index_file(path, folder)
@@ -366,6 +381,9 @@ def _ensure_index(path, folder):
             stream.build_full_index()
             stream.export_index(str(tmp))
         os.replace(tmp, index)
+        for old in index.parent.glob(f"{index.name.split('-')[0]}-*.gzidx"):
+            if old != index:
+                old.unlink(missing_ok=True)
         return index
     except (OSError, ValueError):  # the index only speeds reading up: without it, slices are still read right
         tmp.unlink(missing_ok=True)
@@ -410,7 +428,7 @@ def infos(paths, axis="axial", cache_dir=None, on_error=None, progress=None):
                 if progress is not None:
                     progress()
             found[path] = _MEMO[(os.path.abspath(path), axis)] = info
-            if file is not None and str(path).endswith(".gz"):
+            if file is not None and _gzipped(path):
                 _INDEX_HOME[os.path.abspath(path)] = file.parent / INDEX_FOLDER
                 _ensure_index(path, file.parent / INDEX_FOLDER)
     finally:
@@ -467,7 +485,7 @@ def _open(path):
         if key in _OPEN:
             _OPEN.move_to_end(key)
             return _OPEN[key]
-    if str(path).endswith(".gz"):
+    if _gzipped(path):
         home = _INDEX_HOME.get(os.path.abspath(path))
         index = _index_file(path, home) if home is not None else None
         img = _load_indexed(path, index if index is not None and index.is_file() else None)
@@ -482,33 +500,36 @@ def _open(path):
 
 def _load_indexed(path, index):
     """`path` (a .nii.gz) as a nibabel image over an `indexed_gzip` stream (thread-safe), with the seek points
-    in `index` if given; a damaged index or an unusual header falls back to `_load`."""
+    in `index` if given; a damaged index or an unexpected header falls back to `_load`, which names any real
+    damage."""
     import indexed_gzip
     import nibabel
 
     try:
         # Small buffers: indexed_gzip's default read-ahead (4x the spacing) decompresses 4 MB for each slice
-        # and holds it; 128 KB read 3.3x faster here (random axial slices of 192x192 int16, one thread).
+        # and holds it; 128 KB read 3.3x faster here (random axial slices of 192x192 int16, one thread). The
+        # file stays open (one descriptor a kept volume): the stream cannot meet another file at its path.
         stream = indexed_gzip.IndexedGzipFile(str(path), spacing=GZ_SPACING, buffer_size=1 << 17,
-                                              readbuf_size=1 << 16,
+                                              readbuf_size=1 << 16, drop_handles=False,
                                               index_file=str(index) if index is not None else None)
     except (OSError, ValueError):
         return _load(path)
-    for kind in (nibabel.Nifti1Image, nibabel.Nifti2Image):
-        try:
-            stream.seek(0)
-            return kind.from_file_map({"image": nibabel.FileHolder(str(path), fileobj=stream)})
-        except Exception:  # noqa: BLE001 - not this kind of header; `_load` names any real damage
-            continue
-    stream.close()
-    return _load(path)
+    try:
+        head = stream.read(4)
+        kind = nibabel.Nifti2Image if 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big")) \
+            else nibabel.Nifti1Image  # sizeof_hdr: 540 for NIfTI-2, 348 for NIfTI-1
+        stream.seek(0)
+        return kind.from_file_map({"image": nibabel.FileHolder(str(path), fileobj=stream)})
+    except Exception:  # noqa: BLE001 - `_load` says what is wrong with the file
+        stream.close()
+        return _load(path)
 
 
 def read_slice(name, cache_dir=None):
     """Reads one slice by its reference, oriented and scaled: float32 (H, W, 1) in [0, 1].
 
-    Only that slice is read from the file (for `.nii.gz`, the stream is
-    decompressed from the seek point before it, never held whole).
+    A plane across the last stored axis is read alone (for `.nii.gz`, inflated from the seek point before
+    it); any other is cut from one read of the volume, which is then let go.
     """
     path, axis, k = parse_reference(name)
     info = info_of(path, axis, cache_dir)
@@ -517,12 +538,15 @@ def read_slice(name, cache_dir=None):
     if not 0 <= k < info.n_slices:
         raise VolumeError(f"{path} has no {axis} slice {k} (it has {info.n_slices}); it changed after the split. "
                           "Start the run again.")
-    index = [slice(None)] * len(img.shape)
+    index = [slice(None)] * 3
     index[info.array_axis] = info.n_slices - 1 - k if info.flip else k
-    if len(img.shape) == 4:
-        index[3] = 0
+    first = (slice(None),) * 3 + ((0,) if len(img.shape) == 4 else ())  # a 4D volume's first volume
     try:
-        data = np.asarray(img.dataobj[tuple(index)], dtype=np.float32)
+        if info.array_axis == 2:  # voxels are stored first axis fastest: this plane is one run of bytes
+            data = img.dataobj[tuple(index) + first[3:]]
+        else:  # a plane scattered over the whole file: one read of the volume beats thousands of small ones
+            data = np.asarray(img.dataobj[first])[tuple(index)]  # (for .nii.gz each would restart inflating)
+        data = np.asarray(data, dtype=np.float32)
     except (EOFError, OSError, ValueError, zlib.error) as err:
         raise VolumeError(f"cannot read slice {k} of {path} ({str(err).splitlines()[0][:160]}): the file is "
                           "truncated or damaged. Re-export or re-copy it.") from None

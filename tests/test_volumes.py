@@ -303,12 +303,22 @@ def test_gzipped_volumes_are_read_through_seek_points_saved_at_inspection(tmp_pa
         np.testing.assert_allclose(image[..., 0], scaled(shown[k], data), atol=1e-6)
     assert len(volumes._OPEN) <= 2  # three volumes read, two kept open
 
-    volumes._OPEN.clear()
-    index.write_bytes(b"not an index")  # a damaged index is only a slower read
-    np.testing.assert_array_equal(volumes._open(paths[1]).dataobj[..., 7], heads[1][0][..., 7])
-    # A file replaced after its index was saved is never read through the old points.
+    # A file replaced after its index was saved is opened afresh, never read through the old points; its next
+    # inspection saves new points and removes the old ones.
     save(heads[3][0] * 2 + 1, tmp_path / "sub-01.nii.gz")
+    replaced = volumes._open(paths[1])
+    assert replaced is not img and len(list(replaced.dataobj.file_like.seek_points())) <= 2
+    np.testing.assert_array_equal(replaced.dataobj[..., 7], heads[3][0][..., 7] * 2 + 1)
+    volumes.infos([paths[1]], cache_dir=cache)
+    assert not index.exists() and volumes._index_file(paths[1], cache / volumes.INDEX_FOLDER).is_file()
+    # A damaged index is only a slower read.
+    volumes._OPEN.clear()
+    volumes._index_file(paths[1], cache / volumes.INDEX_FOLDER).write_bytes(b"not an index")
     np.testing.assert_array_equal(volumes._open(paths[1]).dataobj[..., 7], heads[3][0][..., 7] * 2 + 1)
+    # A volume deleted mid-run is one line naming it (its stream is not read by path again).
+    (tmp_path / "sub-02.nii.gz").unlink()
+    with pytest.raises(volumes.VolumeError, match="sub-02.nii.gz.*moved after the split"):
+        volumes.read_slice(volumes.reference(paths[2], "axial", 3))
 
 
 def test_subjects_from_bids_oasis_names_and_repeated_stems(tmp_path):
