@@ -321,6 +321,20 @@ def test_gzipped_volumes_are_read_through_seek_points_saved_at_inspection(tmp_pa
         volumes.read_slice(volumes.reference(paths[2], "axial", 3))
 
 
+def test_capital_suffixes_and_nifti2_take_the_indexed_reader_without_warnings(tmp_path, caplog):
+    data, shown = phantom_volume(1, n_slices=8)
+    paths = [str(save(data, tmp_path / "SUB-01.NII.GZ")),
+             str(save(data, tmp_path / "sub-02.nii.gz", kind=nib.Nifti2Image))]
+    volumes.infos(paths, cache_dir=tmp_path / "cache")
+    for path in paths:
+        assert volumes._index_file(path, tmp_path / "cache" / volumes.INDEX_FOLDER).is_file()
+        img = volumes._load_indexed(path, None)
+        assert type(img.dataobj.file_like).__module__.startswith("indexed_gzip")
+        np.testing.assert_allclose(volumes.read_slice(volumes.reference(path, "axial", 3))[..., 0],
+                                   scaled(shown[3], data), atol=1e-6)
+    assert not [r for r in caplog.records if "sizeof_hdr" in r.getMessage()]
+
+
 def test_subjects_from_bids_oasis_names_and_repeated_stems(tmp_path):
     paths = [tmp_path / "OAS1_0001_MR1" / "RAW" / f"OAS1_0001_MR1_mpr-{i}_anon.hdr" for i in (1, 2)]
     paths += [tmp_path / "100307" / "T1w.nii.gz", tmp_path / "100408" / "T1w.nii.gz",
