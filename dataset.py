@@ -902,7 +902,8 @@ def fit_image(image, size, fit="pad"):
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def index_stream(n, batch_size, *, shuffle=False, seed=0, first_epoch=0, repeat=False, drop_remainder=False):
+def index_stream(n, batch_size, *, shuffle=False, seed=0, first_epoch=0, repeat=False, drop_remainder=False,
+                 with_epoch=False):
     """Indices 0..n-1 epoch after epoch, each epoch a fixed permutation of (seed, epoch) when shuffled.
 
     Because an epoch's order depends only on (seed, epoch), a run resumed at
@@ -911,7 +912,8 @@ def index_stream(n, batch_size, *, shuffle=False, seed=0, first_epoch=0, repeat=
     boundaries stay aligned with batch boundaries.
 
     Returns:
-        A `tf.data.Dataset` of int64 indices.
+        A `tf.data.Dataset` of int64 indices, or of (epoch, index) pairs
+        when `with_epoch`.
     """
     per_epoch = (n // batch_size) * batch_size if (repeat and drop_remainder) else n
     if per_epoch == 0:
@@ -922,15 +924,17 @@ def index_stream(n, batch_size, *, shuffle=False, seed=0, first_epoch=0, repeat=
         if shuffle:
             key = tf.stack([tf.constant(seed, tf.int64), epoch])
             indices = indices.map(lambda i: tf.random.experimental.index_shuffle(i, key, n - 1))
-        return indices.take(per_epoch)
+        indices = indices.take(per_epoch)
+        return indices.map(lambda i: (epoch, i)) if with_epoch else indices
 
     last_epoch = first_epoch + 1 if not repeat else 2**62
     return tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch_indices)
 
 
 def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0, first_epoch=0,
-                 repeat=False, fit="pad", with_meta=False, drop_remainder=False, input_context=None):
-    """The streaming pipeline: file list -> shuffle -> parallel decode -> fit -> batch -> prefetch.
+                 repeat=False, fit="pad", with_meta=False, drop_remainder=False, input_context=None, crop=None,
+                 crop_step=8):
+    """The streaming pipeline: file list -> shuffle -> parallel decode -> fit -> [crop] -> batch -> prefetch.
 
     Only file names are shuffled and held; pixels are decoded on demand, so
     memory does not grow with the number of files. With `shuffle`, the order
@@ -952,10 +956,19 @@ def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0,
         drop_remainder: drop the last partial batch.
         input_context: a `tf.distribute.InputContext`; files are sharded
             per input pipeline.
+        crop: side of a random square crop taken from each fitted image
+            (training on patches: a fully convolutional model takes
+            `(image_size / crop)**2` times the steps in the same time), or
+            None for whole images. The crop of an image depends only on
+            (seed, epoch, image), so a resumed run sees the crops an
+            uninterrupted one would.
+        crop_step: crops start on multiples of this many pixels (a multiple
+            of the model's downsampling keeps its code grid in phase with
+            whole images).
 
     Returns:
-        A `tf.data.Dataset` of float32 batches (batch, size, size, 1) in [0, 1],
-        or of dicts when `with_meta`.
+        A `tf.data.Dataset` of float32 batches (batch, size, size, 1) in [0, 1]
+        (size `crop` when given), or of dicts when `with_meta`.
 
     Example:
     >>> source = load_source()
@@ -968,6 +981,9 @@ def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0,
         raise DataError("cannot build a pipeline over an empty split")
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8. Received: image_size={image_size}")
+    if crop is not None and not (0 < crop <= image_size and crop % crop_step == 0):
+        raise ValueError(f"crop must be a multiple of {crop_step} in (0, image_size={image_size}]. "
+                         f"Received: crop={crop}")
     tables = (
         tf.constant(split.paths),
         tf.constant(split.subjects, tf.int32),
@@ -976,7 +992,7 @@ def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0,
     )
 
     ds = index_stream(n, batch_size, shuffle=shuffle, seed=seed, first_epoch=first_epoch, repeat=repeat,
-                      drop_remainder=drop_remainder)
+                      drop_remainder=drop_remainder, with_epoch=True)
     items = n
     if input_context is not None and input_context.num_input_pipelines > 1:
         shards, shard = input_context.num_input_pipelines, input_context.input_pipeline_id
@@ -988,12 +1004,17 @@ def make_dataset(split, *, image_size=256, batch_size=32, shuffle=False, seed=0,
 
     from_volumes = volumes.is_reference(split.paths[0])
 
-    def load(i):
+    def load(epoch, i):
         if from_volumes:  # only the one slice is read from its volume
             image = tf.ensure_shape(tf.numpy_function(_read_reference, [tables[0][i]], tf.float32), (None, None, 1))
         else:
             image = decode_image(tf.io.read_file(tables[0][i]))
         image = tf.ensure_shape(fit_image(image, image_size, fit), (image_size, image_size, 1))
+        if crop is not None and crop < image_size:
+            key = tf.stack([tf.constant(seed, tf.int64), epoch * n + i])
+            top, left = tf.unstack(crop_step * tf.random.stateless_uniform(
+                (2,), key, minval=0, maxval=(image_size - crop) // crop_step + 1, dtype=tf.int64))
+            image = tf.ensure_shape(image[top:top + crop, left:left + crop], (crop, crop, 1))
         if not with_meta:
             return image
         return {"image": image, "subject": tables[1][i], "slice": tables[2][i], "label": tables[3][i]}
