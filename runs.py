@@ -43,7 +43,8 @@ MODEL_CLASSES = {"vqvae": "VQVAE", "pixelcnn": "GatedPixelCNN"}
 RESUMED = {
     "vqvae": {"data": "data", "fit": "fit", "seed": "seed", "split_seed": "split_seed", "limit": "limit",
               "skip_bad": "skip_bad", "image_size": "image_size", "batch_size": "batch_size", "epochs": "epochs",
-              "lr": "learning_rate", "downsample": "downsample", "slice_axis": "slice_axis", "slices": "slices"},
+              "lr": "learning_rate", "downsample": "downsample", "slice_axis": "slice_axis", "slices": "slices",
+              "crop": "crop"},
     "pixelcnn": {"batch_size": "batch_size", "epochs": "epochs", "lr": "learning_rate", "seed": "seed",
                  "limit": "limit"},
 }
@@ -240,6 +241,8 @@ class Run:
                 value = config.get("seed", 0)
             if flag == "slice_axis" and value is None:  # runs from before volumes
                 value = "axial"
+            if flag == "crop" and value is None:  # runs from before crops: whole images
+                value = 0
             setattr(args, flag, value)
         return args
 

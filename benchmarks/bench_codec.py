@@ -263,8 +263,9 @@ def main(argv=None):
                 return 2
     else:
         recipes = [train.vqvae_options(train.parse_args(["--downsample", str(d)]), 256) for d in (8, 4)]
+        crops = [train.default_crop("folder", 256, d) for d in (8, 4)]  # runs trained on whole images are not reused
         key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs, args.prior_epochs,
-                                       recipes]).encode()).hexdigest()[:12]
+                                       recipes, crops]).encode()).hexdigest()[:12]
         cache = Path(args.cache or dataset.default_cache_dir())
         grids = sorted(set(args.grids or (32, 64)))
         folders = [cache / "codec_runs" / key / f"grid{g}" for g in grids]

@@ -247,6 +247,8 @@ def main(argv=None):
                              "(today's model, whole images), then with --preset, --set, --schedule and --crop")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
+    if args.crop is not None and not (16 <= args.crop <= 256 and args.crop % 8 == 0):
+        parser.error(f"--crop must be a multiple of 8 from 16 to 256 (the canvas). Received: {args.crop}")
     if not Path(args.data).is_dir():
         print(f"error: real data not found at {args.data}; pass --data with a folder of slices", file=sys.stderr)
         return 2

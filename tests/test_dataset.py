@@ -197,6 +197,37 @@ def test_seeded_per_epoch_shuffle_is_deterministic_and_resumable(oasis_tree):
     assert stream == epoch0 + epoch1
 
 
+def test_random_crops_are_grid_aligned_windows_that_a_resumed_run_sees_again(oasis_tree):
+    split = dataset.load_source(oasis_tree).splits["train"]
+    n = len(split)
+
+    def epochs(crop=None, **kwargs):
+        ds = dataset.make_dataset(split, image_size=32, batch_size=n, shuffle=True, seed=3, repeat=True, crop=crop,
+                                  crop_step=4, **kwargs)
+        return [b.numpy() for b in ds.take(2)]
+
+    whole, crops = epochs(), epochs(16)
+    assert crops[0].shape == (n, 16, 16, 1)
+    offsets = []
+    for full, cut in zip(np.concatenate(whole), np.concatenate(crops)):
+        found = [(t, left) for t in range(17) for left in range(17)
+                 if np.array_equal(full[t:t + 16, left:left + 16], cut)]
+        assert found, "a crop is not a window of its image"
+        offsets.append(found)
+    assert all(any(t % 4 == 0 and left % 4 == 0 for t, left in found) for found in offsets)
+    assert len({found[0] for found in offsets}) > 3  # crops move over the image, not one fixed window
+    same_order = dataset.make_dataset(split, image_size=32, batch_size=n, repeat=True, crop=16, crop_step=4)
+    first, second = [b.numpy() for b in same_order.take(2)]
+    assert not np.array_equal(first, second)  # an image's crop changes from epoch to epoch
+    again = epochs(16)
+    assert all(np.array_equal(a, b) for a, b in zip(again, crops))  # same seed, same crops
+    resumed = epochs(16, first_epoch=1)[0]
+    np.testing.assert_array_equal(resumed, crops[1])  # resuming at epoch 1 sees epoch 1's crops
+    for bad in (20, 40, 0):
+        with pytest.raises(ValueError, match=f"Received: crop={bad}"):
+            dataset.make_dataset(split, image_size=32, batch_size=4, crop=bad, crop_step=8)
+
+
 def test_input_context_shards_files_across_pipelines(oasis_tree):
     split = dataset.load_source(oasis_tree).splits["train"]
     shards = []

@@ -172,12 +172,20 @@ class Killed(BaseException):
     """Stands for a SIGKILL right after a backup: nothing after it runs (not even Keras's clean-up)."""
 
 
-@pytest.mark.parametrize("model", ["vqvae", "pixelcnn"])
+@pytest.mark.parametrize("model", ["vqvae", "vqvae-crops", "pixelcnn"])
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_with_prior, tiny_data, tmp_path,
                                                                      monkeypatch):
-    """Same final weights, optimizer state and codebook, bit for bit (CPU)."""
+    """Same final weights, optimizer state and codebook, bit for bit (CPU).
+
+    vqvae-crops trains on random crops and is resumed without `--crop`: the
+    run's config brings the flag back, and each image's crop depends only
+    on (seed, epoch, image), so the resumed steps see the same pixels.
+    """
+    resume_without = []
+    if model == "vqvae-crops":
+        model, resume_without = "vqvae", ["--crop", "16"]
     if model == "vqvae":
-        flags = ["--data", tiny_data, "--epochs", "2", "--backup-every", "1", "--seed", "4", *TINY]
+        flags = ["--data", tiny_data, "--epochs", "2", "--backup-every", "1", "--seed", "4", *resume_without, *TINY]
     else:
         flags = [*PRIOR, "--epochs", "2", "--backup-every", "1", "--seed", "4"]
     folders = {}
@@ -202,9 +210,14 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
             command(train, *flags, "--run", folders["killed"])
     meta = json.loads((folders["killed"] / f"{model}_backup" / "training_metadata.json").read_text())
     assert meta == {"epoch": 0, "batches_done": 2}
+    if resume_without:
+        assert json.loads((folders["killed"] / "vqvae_config.json").read_text())["crop"] == 16
+        at = flags.index("--crop")
+        flags = flags[:at] + flags[at + 2:]
     done = command(train, *flags, "--run", folders["killed"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming epoch 1 at step 3 of 4" in done.stdout
+    assert ("trained on random 16x16 crops" in done.stdout) == bool(resume_without)
     whole = checkpoint_state(folders["whole"] / f"{model}_last.keras")
     resumed = checkpoint_state(folders["killed"] / f"{model}_last.keras")
     assert whole.keys() == resumed.keys() and any("optimizer" in k for k in whole)
@@ -212,6 +225,21 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
         np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
     with open(folders["killed"] / f"{model}_history.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+
+
+def test_real_data_at_fine_grids_trains_on_crops_by_default_and_old_runs_resume_on_whole_images(tmp_path):
+    assert train.default_crop("oasis", 256, 4) == 128  # the measured configuration (README)
+    assert train.default_crop("folder", 256, 8) == 0  # 32x32: not measured with crops
+    assert train.default_crop("phantoms", 128, 2) == 0  # the demo keeps whole images
+    assert train.default_crop("folder", 96, 2) == 48
+    assert train.default_crop("folder", 48, 2) == 0  # a 24x24 grid
+    run = runs.Run(tmp_path / "old")
+    run.path.mkdir()
+    old_config = {"model": "vqvae", "data": "x", "seed": 0, "image_size": 256, "batch_size": 16, "epochs": 3,
+                  "learning_rate": 1e-3, "vqvae": {"downsample": 4}}
+    runs.write_json(run.file("vqvae", "config.json"), old_config)
+    args = run.resume_args("vqvae", train.parse_args([]))
+    assert args.crop == 0  # a run from before crops is not switched to them halfway
 
 
 def test_nearest_ssim_in_bounded_chunks_equals_all_pairs_at_once(tiny_data):
