@@ -228,10 +228,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
 
 
 def test_real_data_at_fine_grids_trains_on_crops_by_default_and_old_runs_resume_on_whole_images(tmp_path):
-    assert train.default_crop("oasis", 256, 4) == 128  # the measured configuration (README)
+    assert train.default_crop("oasis", 256, 4) == 64  # the best measured configuration (README)
     assert train.default_crop("folder", 256, 8) == 0  # 32x32: not measured with crops
     assert train.default_crop("phantoms", 128, 2) == 0  # the demo keeps whole images
-    assert train.default_crop("folder", 96, 2) == 48
+    assert train.default_crop("folder", 128, 2) == 32
     assert train.default_crop("folder", 48, 2) == 0  # a 24x24 grid
     run = runs.Run(tmp_path / "old")
     run.path.mkdir()
