@@ -21,12 +21,13 @@ Our models are built with `modules.VQVAE`'s own defaults (the model as it
 was before the brain-masked loss), or with `--preset train` as `train.py`
 builds them by default (read from its parser, so the two cannot drift
 apart), then changed by `--set KEY=VALUE`. `--schedule cosine` tries a warm-up and
-cosine learning rate over the budget. The data are the real OASIS-
+cosine learning rate over the budget; `--crop N` trains on random N x N crops of
+the canvas (held-out scores stay on whole images). The data are the real OASIS-
 derived slices in ../shared/data/alzheimer-mri-slices (or --data), split by
 the project's pipeline (seed 0), 176x208 slices centred on a 256x256 canvas.
 
     python benchmarks/bench_vqvae.py [--minutes 10] [--models ours-64 ...] [--preset train] [--set KEY=VALUE ...]
-                                     [--compare] [--json]
+                                     [--crop N] [--compare] [--json]
 """
 
 import argparse
