@@ -472,7 +472,7 @@ def vqvae_config(args, source, counts):
         "split_seed": args.split_seed, "skip_bad": bool(args.skip_bad), "limit": args.limit,
         "slice_axis": args.slice_axis, "slices": args.slices,
         "image_size": args.image_size, "crop": args.crop, "batch_size": args.batch_size, "epochs": args.epochs,
-        "learning_rate": args.lr, "vqvae": vqvae_options(args, args.image_size), "counts": counts,
+        "learning_rate": args.lr, "vqvae": vqvae_options(args, args.image_size, source.kind), "counts": counts,
     }
 
 
@@ -483,38 +483,58 @@ def vqvae_config(args, source, counts):
 # one was better on both.
 BRAIN_RECIPE_MAX_GRID = 32
 
-# `--crop` on real data with code grids finer than BRAIN_RECIPE_MAX_GRID: train on random crops of this
-# fraction of the image side. On real slices at 64x64, 16 minutes on 2 cores, side by side with whole images
-# (README, "Reconstruction inside the brain: training on random crops"): test SSIM inside the brain 0.942 with
-# 128 px crops of the 256 px canvas, 0.950 with 96, 0.952 with 64, against 0.903 to 0.907 for whole images.
+# `--crop` on real data: train on random crops of this fraction of the image side. On real slices, 16 minutes
+# on 2 cores, side by side with whole images (README, "Reconstruction inside the brain: training on random
+# crops"): at 64x64, test SSIM inside the brain 0.942 with 128 px crops of the 256 px canvas, 0.950 with 96,
+# 0.952 with 64, against 0.903 to 0.907 for whole images; at 32x32 (brain recipe), 0.777 with 64 px crops
+# against 0.771 (plain) and 0.762 (brain recipe, an earlier session) on whole images, whole-image SSIM 0.90
+# after 3 minutes instead of 9 to 11.
 REAL_CROP_FRACTION = 0.25
+MIN_CROP_GRID = 8
+
+# Training on crops with code grids of BRAIN_RECIPE_MAX_GRID or coarser, the decoder defaults to this many
+# times the encoder's channels and one more residual block. At 32x32 on real slices, 16 minutes on 2 cores with
+# 64 px crops: test SSIM inside the brain 0.783 and whole-image 0.925 with 96 channels and 3 blocks, against
+# 0.777 and 0.912 with the encoder's 64 and 2 (README, "Reconstruction inside the brain: training on random
+# crops"). Not measured with crops at 64x64, where a wider decoder on whole images was not better.
+WIDE_DECODER_SCALE = 1.5
 
 
 def default_crop(kind, image_size, downsample):
-    """`--crop` when it is not given: a crop on real data with fine code grids, else 0 (whole images).
+    """`--crop` when it is not given: REAL_CROP_FRACTION of `image_size` on real data, else 0 (whole images).
 
-    The crop is REAL_CROP_FRACTION of `image_size`, on a multiple of
-    `downsample`, on code grids finer than BRAIN_RECIPE_MAX_GRID.
+    The crop is a multiple of `downsample` whose code grid is at least MIN_CROP_GRID a side (the smallest
+    measured); the phantom demo keeps whole images.
     """
-    if kind == "phantoms" or image_size // downsample <= BRAIN_RECIPE_MAX_GRID:
+    if kind == "phantoms":
         return 0
     crop = int(image_size * REAL_CROP_FRACTION) // downsample * downsample
-    return crop if 16 <= crop < image_size else 0
+    return crop if crop // downsample >= MIN_CROP_GRID and crop < image_size else 0
 
 
-def vqvae_options(args, image_size):
+def vqvae_options(args, image_size, kind="folder"):
     """The `modules.VQVAE` arguments the flags in `args` ask for at `image_size` (`parse_args([])`: the defaults).
 
     Resolves `--loss auto` and unset `--normalize-codes` / `--gradient` by
-    the code grid (`BRAIN_RECIPE_MAX_GRID`).
+    the code grid (`BRAIN_RECIPE_MAX_GRID`), and unset `--decoder-channels` /
+    `--decoder-res-blocks` by the grid and the crop (`--crop`, else
+    `default_crop` for the data `kind`): a wider decoder on crops at coarse
+    grids (`WIDE_DECODER_SCALE`), else the encoder's (None).
     """
-    brain = args.loss == "ssim_l1" or (args.loss == "auto" and image_size // args.downsample <= BRAIN_RECIPE_MAX_GRID)
+    coarse = image_size // args.downsample <= BRAIN_RECIPE_MAX_GRID
+    brain = args.loss == "ssim_l1" or (args.loss == "auto" and coarse)
+    crop = default_crop(kind, image_size, args.downsample) if args.crop is None else args.crop
+    wide = coarse and 0 < crop < image_size
     return {"downsample": args.downsample, "channels": args.channels, "res_blocks": args.res_blocks,
             "res_channels": args.res_channels, "num_codes": args.codes, "code_dim": args.code_dim,
             "beta": args.beta, "codebook": args.codebook, "decay": args.decay, "seed": args.seed,
             "loss": "ssim_l1" if brain else "mse", "background_weight": args.background_weight,
             "normalize_codes": brain if args.normalize_codes is None else args.normalize_codes,
-            "gradient": ("rotation" if brain else "straight_through") if args.gradient is None else args.gradient}
+            "gradient": ("rotation" if brain else "straight_through") if args.gradient is None else args.gradient,
+            "decoder_channels": (round(args.channels * WIDE_DECODER_SCALE) if wide else None)
+            if args.decoder_channels is None else args.decoder_channels,
+            "decoder_res_blocks": (args.res_blocks + 1 if wide else None)
+            if args.decoder_res_blocks is None else args.decoder_res_blocks}
 
 
 def train_vqvae(args, log=print):
@@ -833,9 +853,9 @@ def parse_args(argv=None):
                     help="train on a random square crop of this side from each image (a multiple of --downsample; "
                          "0: whole images; validation and predict.py always use whole images): the model is fully "
                          "convolutional, so a step costs (image-size / crop)^2 times less. Default: a quarter "
-                         "of the image size on real data with code grids finer than "
-                         f"{BRAIN_RECIPE_MAX_GRID}x{BRAIN_RECIPE_MAX_GRID} (measured: more steps, better inside "
-                         "the brain), whole images otherwise (stored in the run)")
+                         "of the image size on real data when a crop holds at least 8x8 codes (measured at 64x64 "
+                         "and 32x32 codes: more steps, better inside the brain), whole images otherwise and on the "
+                         "phantoms (stored in the run)")
     vq.add_argument("--downsample", type=int, default=4,
                     help="encoder stride: 4 gives a 64x64 code grid at 256 px, 8 gives 32x32")
     vq.add_argument("--codes", type=int, default=512, help="K, the codebook size")
@@ -843,6 +863,13 @@ def parse_args(argv=None):
     vq.add_argument("--channels", type=int, default=64, help="convolution channels")
     vq.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
     vq.add_argument("--res-channels", type=int, default=32, help="hidden channels of a residual block")
+    vq.add_argument("--decoder-channels", type=int, default=None,
+                    help=f"the decoder's convolution channels (default: --channels; {WIDE_DECODER_SCALE}x that "
+                         f"when training on crops with code grids of {BRAIN_RECIPE_MAX_GRID}x{BRAIN_RECIPE_MAX_GRID} "
+                         "or coarser, measured better inside the brain there: 96 at the real-data 32x32 default)")
+    vq.add_argument("--decoder-res-blocks", type=int, default=None,
+                    help="the decoder's residual blocks (default: --res-blocks; one more where --decoder-channels "
+                         "defaults to a wider decoder)")
     vq.add_argument("--codebook", choices=["ema", "loss"], default="ema",
                     help="learn the codebook by moving averages (ema) or by gradient (loss)")
     vq.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
@@ -890,6 +917,10 @@ def parse_args(argv=None):
          f"--downsample must be a power of two (2, 4, 8, ...). Received: {args.downsample}"),
         (args.codes >= 2, f"--codes must be at least 2. Received: {args.codes}"),
         (args.code_dim >= 1, f"--code-dim must be at least 1. Received: {args.code_dim}"),
+        (args.decoder_channels is None or args.decoder_channels >= 1,
+         f"--decoder-channels must be at least 1. Received: {args.decoder_channels}"),
+        (args.decoder_res_blocks is None or args.decoder_res_blocks >= 0,
+         f"--decoder-res-blocks must be 0 or more. Received: {args.decoder_res_blocks}"),
         (0.0 <= args.decay < 1.0, f"--decay must be in [0, 1). Received: {args.decay}"),
         (args.lr > 0, f"--lr must be positive. Received: {args.lr}"),
         (args.limit is None or args.limit >= 1, f"--limit must be at least 1. Received: {args.limit}"),

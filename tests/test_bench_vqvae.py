@@ -64,6 +64,20 @@ def test_train_py_resolves_loss_auto_by_the_code_grid_and_explicit_flags_win():
     assert options("--gradient", "rotation")["gradient"] == "rotation" and options()["normalize_codes"] is False
 
 
+def test_train_py_widens_the_decoder_on_crops_at_coarse_grids_only():
+    def decoder(*argv, size=256, kind="folder"):
+        options = train.vqvae_options(train.parse_args(list(argv)), size, kind)
+        return options["decoder_channels"], options["decoder_res_blocks"]
+
+    assert decoder("--downsample", "8") == (96, 3)  # real data at 32x32: 64 px crops by default (README)
+    assert decoder("--downsample", "8", "--channels", "32", "--res-blocks", "1") == (48, 2)
+    assert decoder() == (None, None)  # 64x64: the encoder's, as measured
+    assert decoder("--downsample", "8", "--crop", "0") == (None, None)  # whole images: as measured
+    assert decoder(size=128, kind="phantoms") == (None, None)  # the demo keeps whole images and its decoder
+    assert decoder("--downsample", "8", "--decoder-channels", "40", "--decoder-res-blocks", "0") == (40, 0)
+    assert bench_vqvae.model_options("train", downsample=8)["decoder_channels"] == 96  # the preset follows
+
+
 def test_brain_code_counts_come_from_the_codes_of_grid_cells_touching_the_brain(tmp_path):
     root = dataset.ensure_phantoms(tmp_path, subjects=(1, 1, 2), n_slices=8, size=64, verbose=False)
     held_out = dataset.make_dataset(dataset.load_source(root).splits["test"], image_size=64, batch_size=5)

@@ -227,12 +227,13 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
 
 
-def test_real_data_at_fine_grids_trains_on_crops_by_default_and_old_runs_resume_on_whole_images(tmp_path):
-    assert train.default_crop("oasis", 256, 4) == 64  # the best measured configuration (README)
-    assert train.default_crop("folder", 256, 8) == 0  # 32x32: not measured with crops
+def test_real_data_trains_on_crops_by_default_and_old_runs_resume_on_whole_images(tmp_path):
+    assert train.default_crop("oasis", 256, 4) == 64  # the best measured configurations (README)
+    assert train.default_crop("folder", 256, 8) == 64
     assert train.default_crop("phantoms", 128, 2) == 0  # the demo keeps whole images
     assert train.default_crop("folder", 128, 2) == 32
-    assert train.default_crop("folder", 48, 2) == 0  # a 24x24 grid
+    assert train.default_crop("folder", 64, 4) == 0  # a 4x4 grid of codes per crop: whole images
+    assert train.default_crop("folder", 48, 2) == 0
     run = runs.Run(tmp_path / "old")
     run.path.mkdir()
     old_config = {"model": "vqvae", "data": "x", "seed": 0, "image_size": 256, "batch_size": 16, "epochs": 3,
