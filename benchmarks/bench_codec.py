@@ -106,16 +106,19 @@ def originals_of(split):
 
 
 def ensure_run(folder, data, downsample, epochs, prior_epochs, log=print):
-    """A run folder with a VQ-VAE (256 px, train.py's defaults for its grid) and prior, trained by train.py.
+    """A run folder with a VQ-VAE (256 px, train.py's defaults for its grid; `epochs` in whole images) and prior.
 
     Reused when already there (the cache key holds the recipe), resumed when interrupted.
     """
     run = runs.Run(folder)
     common = ["--run", str(folder), "--verbose", "2"]
     if not run.has("vqvae"):
-        log(f"training the VQ-VAE of {folder} ({epochs} epochs, downsample {downsample})")
-        args = ["--model", "vqvae", "--downsample", str(downsample), "--image-size", "256", "--epochs", str(epochs),
-                *common]
+        crop = train.default_crop("phantoms" if data is None else "folder", 256, downsample)
+        crop_epochs = epochs * round((256 / crop) ** 2) if crop else epochs  # the compute of `epochs` whole ones
+        log(f"training the VQ-VAE of {folder} ({epochs} epochs, downsample {downsample}"
+            + (f"; {crop_epochs} epochs of {crop} px crops)" if crop else ")"))
+        args = ["--model", "vqvae", "--downsample", str(downsample), "--image-size", "256", "--crop", str(crop),
+                "--epochs", str(crop_epochs), *common]
         if data is not None:
             args += ["--data", str(data)]
         if train.main(args) != 0:
@@ -228,7 +231,9 @@ def main(argv=None):
     parser.add_argument("--grids", nargs="+", type=int, choices=(32, 64), default=None,
                         help="without --runs: the code grids to train here and measure (32: --downsample 8, 64: "
                              "--downsample 4, at 256 px; default: both)")
-    parser.add_argument("--epochs", type=int, default=2, help="VQ-VAE epochs when training the runs here")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="VQ-VAE epochs when training the runs here, in whole images: on train.py's default "
+                             "crops, (256 / crop)^2 times as many epochs of crops, about the same compute")
     parser.add_argument("--prior-epochs", type=int, default=10, help="prior epochs when training the runs here")
     parser.add_argument("--cache", default=None,
                         help="where runs trained here are kept (default: the project's cache folder, "
