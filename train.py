@@ -853,20 +853,22 @@ def parse_args(argv=None):
                     help="train on a random square crop of this side from each image (a multiple of --downsample; "
                          "0: whole images; validation and predict.py always use whole images): the model is fully "
                          "convolutional, so a step costs (image-size / crop)^2 times less. Default: a quarter "
-                         "of the image size on real data when a crop holds at least 8x8 codes (measured at 64x64 "
-                         "and 32x32 codes: more steps, better inside the brain), whole images otherwise and on the "
-                         "phantoms (stored in the run)")
+                         "of the image size on real data when a crop holds at least 8x8 codes (measured with 64 px "
+                         "crops at 256 px, 64x64 and 32x32 codes: more steps, better inside the brain), whole images "
+                         "otherwise and on the phantoms (stored in the run)")
     vq.add_argument("--downsample", type=int, default=4,
                     help="encoder stride: 4 gives a 64x64 code grid at 256 px, 8 gives 32x32")
     vq.add_argument("--codes", type=int, default=512, help="K, the codebook size")
     vq.add_argument("--code-dim", type=int, default=64, help="D, the code vector size")
     vq.add_argument("--channels", type=int, default=64, help="convolution channels")
-    vq.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
+    vq.add_argument("--res-blocks", type=int, default=2,
+                    help="residual blocks in the encoder, and in the decoder unless --decoder-res-blocks says")
     vq.add_argument("--res-channels", type=int, default=32, help="hidden channels of a residual block")
     vq.add_argument("--decoder-channels", type=int, default=None,
                     help=f"the decoder's convolution channels (default: --channels; {WIDE_DECODER_SCALE}x that "
                          f"when training on crops with code grids of {BRAIN_RECIPE_MAX_GRID}x{BRAIN_RECIPE_MAX_GRID} "
-                         "or coarser, measured better inside the brain there: 96 at the real-data 32x32 default)")
+                         "or coarser: 96 at the real-data 32x32 default, measured better inside the brain there with "
+                         "64 px crops at 256 px)")
     vq.add_argument("--decoder-res-blocks", type=int, default=None,
                     help="the decoder's residual blocks (default: --res-blocks; one more where --decoder-channels "
                          "defaults to a wider decoder)")

@@ -267,8 +267,9 @@ def main(argv=None):
                       "grid; pass one run per operating point", file=sys.stderr)
                 return 2
     else:
-        recipes = [train.vqvae_options(train.parse_args(["--downsample", str(d)]), 256) for d in (8, 4)]
-        crops = [train.default_crop("folder", 256, d) for d in (8, 4)]  # runs trained on whole images are not reused
+        kind = "phantoms" if data is None else "folder"
+        recipes = [train.vqvae_options(train.parse_args(["--downsample", str(d)]), 256, kind) for d in (8, 4)]
+        crops = [train.default_crop(kind, 256, d) for d in (8, 4)]  # runs trained on whole images are not reused
         key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs, args.prior_epochs,
                                        recipes, crops]).encode()).hexdigest()[:12]
         cache = Path(args.cache or dataset.default_cache_dir())

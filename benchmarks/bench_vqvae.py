@@ -199,18 +199,18 @@ def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.
             "n_test": int(len(values)), "curve": curve}
 
 
-def model_options(preset="model", settings=(), downsample=4, size=256):
+def model_options(preset="model", settings=(), downsample=4, size=256, crop=0):
     """One of our models' `modules.VQVAE` options: a preset changed by `KEY=VALUE` settings.
 
     preset "model" starts from the constructor's defaults (no options),
-    "train" from what `train.py` builds by default for this downsampling
-    and image size, but for the downsampling itself (the model's name says
-    it) and the seed (0 here). A VALUE is read as JSON, else as a string:
+    "train" from what `train.py` builds by default for this downsampling,
+    image size and `crop` (0: whole images), but for the downsampling
+    itself (the model's name says it) and the seed (0 here). A VALUE is read as JSON, else as a string:
     `loss=ssim_l1`.
     """
     options = {}
     if preset == "train":
-        defaults = train_script.parse_args(["--downsample", str(downsample)])
+        defaults = train_script.parse_args(["--downsample", str(downsample), "--crop", str(crop)])
         options = {key: value for key, value in train_script.vqvae_options(defaults, size).items()
                    if key not in ("downsample", "seed")}
     for item in settings:
@@ -232,7 +232,8 @@ def main(argv=None):
                         help="save held-out reconstructions of the last model here (e.g. samples/reconstruction.png)")
     parser.add_argument("--preset", choices=["model", "train"], default="model",
                         help="our models' starting options: modules.VQVAE's constructor defaults (model, today's "
-                             "model) or what train.py builds by default (train); --set changes them")
+                             "model) or what train.py builds by default for the model's grid and --crop (train); --set "
+                             "changes them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a modules.VQVAE argument for our models (repeatable); VALUE is read as JSON, else "
                              "as a string: --set loss=ssim_l1 --set normalize_codes=true --set decoder_channels=96")
@@ -262,7 +263,7 @@ def main(argv=None):
             continue
         if args.compare:
             jobs.append((name, None, "constant", 1e-3, None, f"{name}+today"))
-        options = model_options(args.preset, args.set, downsample=DOWNSAMPLE[name])
+        options = model_options(args.preset, args.set, downsample=DOWNSAMPLE[name], crop=args.crop or 0)
         jobs.append((name, options, args.schedule, args.lr, args.crop,
                      f"{name}+{args.label}" if args.label else name))
     results = [train_with_budget(name, source, args.minutes, figure=args.figure if i == len(jobs) - 1 else None,
