@@ -87,12 +87,12 @@ def keras_io_model(size=256, latent=16, codes=64):
     return keras.Model(inputs, outputs, name="keras_io_vqvae")
 
 
-def build(name, size, options=None, lr=1e-3):
+def build(name, size, options=None, lr=1e-3, seed=0):
     if name == "keras.io":
         model = keras_io_model(size)
         model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse")
         return model, lambda images: tf.clip_by_value(model(images, training=False), 0.0, 1.0)
-    model = modules.VQVAE(**{"downsample": DOWNSAMPLE[name], "seed": 0, **(options or {})})
+    model = modules.VQVAE(**{"downsample": DOWNSAMPLE[name], "seed": seed, **(options or {})})
     model.build((None, size, size, 1))
     model.compile(optimizer=keras.optimizers.Adam(lr))
     return model, model.reconstruct
@@ -142,11 +142,11 @@ def usage(counts):
 
 
 def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.0, figure=None, log=print,
-                      options=None, lr=1e-3, schedule="constant", label=None, crop=None):
-    keras.utils.set_random_seed(0)
-    model, reconstruct = build(name, size, options, lr)
+                      options=None, lr=1e-3, schedule="constant", label=None, crop=None, seed=0):
+    keras.utils.set_random_seed(seed)
+    model, reconstruct = build(name, size, options, lr, seed)
     label = label or name
-    train = dataset.make_dataset(source.splits["train"], image_size=size, batch_size=batch, shuffle=True, seed=0,
+    train = dataset.make_dataset(source.splits["train"], image_size=size, batch_size=batch, shuffle=True, seed=seed,
                                  repeat=True, drop_remainder=True, crop=crop)
     probe = dataset.make_dataset(source.splits["validate"].take(np.arange(0, len(source.splits["validate"]), 4)),
                                  image_size=size, batch_size=32).cache()
@@ -188,7 +188,7 @@ def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.
                                    f"(test mean SSIM {values.mean():.4f}, inside the brain {brain.mean():.4f}, over "
                                    f"{len(values)} images)")
     return {"model": label, "architecture": name, "options": options or {}, "schedule": schedule, "lr": lr,
-            "crop": crop,
+            "crop": crop, "seed": seed,
             "grid": "32x32" if name == "ours-32" else "64x64", "minutes": round(trained / 60, 2), "steps": steps,
             "images_seen": steps * batch, "params": model.count_params(), "bits_per_code": float(np.log2(codes)),
             "perplexity_brain": perplexity, "codes_used_brain": used,
@@ -244,6 +244,9 @@ def main(argv=None):
                         help="train on random crops of this side (a multiple of 8) from the 256 px canvas instead of "
                              "whole images (more, cheaper steps); held-out scores are always on whole images")
     parser.add_argument("--label", default=None, help="suffix for the models' names in the table and JSON")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds every model's initialisation, codebook restarts, data order and crops (the "
+                             "split and the scored slices stay the same)")
     parser.add_argument("--compare", action="store_true",
                         help="train each of our models twice, side by side: first as modules.VQVAE's defaults "
                              "(today's model, whole images), then with --preset, --set, --schedule and --crop")
@@ -267,7 +270,8 @@ def main(argv=None):
         jobs.append((name, options, args.schedule, args.lr, args.crop,
                      f"{name}+{args.label}" if args.label else name))
     results = [train_with_budget(name, source, args.minutes, figure=args.figure if i == len(jobs) - 1 else None,
-                                 options=job_options, lr=lr, schedule=schedule, label=label, crop=crop)
+                                 options=job_options, lr=lr, schedule=schedule, label=label, crop=crop,
+                                 seed=args.seed)
                for i, (name, job_options, schedule, lr, crop, label) in enumerate(jobs)]
     print(f"{'model':16s} {'grid':>6s} {'params':>9s} {'steps':>6s} {'SSIM mean +/- std':>20s} "
           f"{'brain SSIM +/- std':>20s} {'brain PSNR':>10s} {'bits':>5s} {'brain ppl':>9s} {'to 0.90':>9s}")

@@ -27,7 +27,7 @@ def test_a_short_run_reports_every_key_the_issue_names(tmp_path):
     root = dataset.ensure_phantoms(tmp_path, subjects=(4, 1, 1), n_slices=16, size=64, verbose=False)
     source = dataset.load_source(root)
     result = bench_vqvae.train_with_budget("ours-32", source, minutes=0.02, size=64, probe_every=0.5,
-                                           log=lambda _: None,
+                                           log=lambda _: None, seed=3,
                                            options={"num_codes": 32, "code_dim": 8, "loss": "ssim_l1",
                                                     "normalize_codes": True, "gradient": "rotation"})
     for key in ("ssim_mean", "ssim_brain_mean", "psnr_brain_mean", "perplexity_brain", "bits_per_code", "steps",
@@ -36,6 +36,7 @@ def test_a_short_run_reports_every_key_the_issue_names(tmp_path):
     assert result["bits_per_code"] == 5.0 and result["steps"] >= 1
     assert 1.0 <= result["perplexity_brain"] <= result["codes_used_brain"] <= 32
     assert np.isfinite(result["ssim_brain_mean"]) and result["options"]["gradient"] == "rotation"
+    assert result["seed"] == 3
 
 
 def test_the_train_preset_is_what_train_py_builds_and_set_changes_it():
