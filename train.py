@@ -512,6 +512,11 @@ def default_crop(kind, image_size, downsample):
     return crop if crop // downsample >= MIN_CROP_GRID and crop < image_size else 0
 
 
+def crop_epochs(epochs, image_size, crop):
+    """Epochs of `crop`-px crops (0: whole images) with about the compute of `epochs` whole-image epochs."""
+    return epochs * round((image_size / crop) ** 2) if crop else epochs
+
+
 def vqvae_options(args, image_size, kind="folder"):
     """The `modules.VQVAE` arguments the flags in `args` ask for at `image_size` (`parse_args([])`: the defaults).
 
@@ -559,7 +564,7 @@ def train_vqvae(args, log=print):
     if args.crop >= args.image_size:  # a crop of the whole image is the whole image
         args.crop = 0
     # Default epochs keep about the compute of whole-image training: (side / crop)^2 epochs of crops for one.
-    args.epochs = args.epochs or demo["epochs"] * (round((args.image_size / args.crop) ** 2) if args.crop else 1)
+    args.epochs = args.epochs or crop_epochs(demo["epochs"], args.image_size, args.crop)
     for note in source.notes:
         log(f"note: {note}")
     configure(args.seed, args.jit_compile)

@@ -114,11 +114,11 @@ def ensure_run(folder, data, downsample, epochs, prior_epochs, log=print):
     common = ["--run", str(folder), "--verbose", "2"]
     if not run.has("vqvae"):
         crop = train.default_crop("phantoms" if data is None else "folder", 256, downsample)
-        crop_epochs = epochs * round((256 / crop) ** 2) if crop else epochs  # the compute of `epochs` whole ones
+        cropped = train.crop_epochs(epochs, 256, crop)
         log(f"training the VQ-VAE of {folder} ({epochs} epochs, downsample {downsample}"
-            + (f"; {crop_epochs} epochs of {crop} px crops)" if crop else ")"))
+            + (f"; {cropped} epochs of {crop} px crops)" if crop else ")"))
         args = ["--model", "vqvae", "--downsample", str(downsample), "--image-size", "256", "--crop", str(crop),
-                "--epochs", str(crop_epochs), *common]
+                "--epochs", str(cropped), *common]
         if data is not None:
             args += ["--data", str(data)]
         if train.main(args) != 0:
