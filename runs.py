@@ -44,9 +44,9 @@ RESUMED = {
     "vqvae": {"data": "data", "fit": "fit", "seed": "seed", "split_seed": "split_seed", "limit": "limit",
               "skip_bad": "skip_bad", "image_size": "image_size", "batch_size": "batch_size", "epochs": "epochs",
               "lr": "learning_rate", "downsample": "downsample", "slice_axis": "slice_axis", "slices": "slices",
-              "crop": "crop"},
+              "crop": "crop", "schedule": "schedule"},
     "pixelcnn": {"batch_size": "batch_size", "epochs": "epochs", "lr": "learning_rate", "seed": "seed",
-                 "limit": "limit"},
+                 "limit": "limit", "schedule": "schedule"},
 }
 
 
@@ -243,6 +243,8 @@ class Run:
                 value = "axial"
             if flag == "crop" and value is None:  # runs from before crops: whole images
                 value = 0
+            if flag == "schedule" and value is None:  # runs from before --schedule: a constant rate
+                value = "constant"
             setattr(args, flag, value)
         return args
 

@@ -472,7 +472,7 @@ def vqvae_config(args, source, counts):
         "split_seed": args.split_seed, "skip_bad": bool(args.skip_bad), "limit": args.limit,
         "slice_axis": args.slice_axis, "slices": args.slices,
         "image_size": args.image_size, "crop": args.crop, "batch_size": args.batch_size, "epochs": args.epochs,
-        "learning_rate": args.lr, "vqvae": vqvae_options(args, args.image_size, source.kind), "counts": counts,
+        "learning_rate": args.lr, "schedule": args.schedule, "vqvae": vqvae_options(args, args.image_size, source.kind), "counts": counts,
     }
 
 
@@ -510,6 +510,34 @@ def default_crop(kind, image_size, downsample):
         return 0
     crop = int(image_size * REAL_CROP_FRACTION) // downsample * downsample
     return crop if crop // downsample >= MIN_CROP_GRID and crop < image_size else 0
+
+
+# `--schedule auto`: a VQ-VAE trained on crops takes a linear warm-up over WARMUP_FRACTION of its steps, then a
+# cosine decay of the learning rate to 0; whole images keep it constant. At 64x64 on real slices with 64 px crops,
+# 16 minutes on 2 cores (README, "Reconstruction inside the brain: training on random crops"): test SSIM inside
+# the brain 0.952 for both seeds measured with the cosine, against 0.952 and 0.947 at a constant rate (whose last
+# minutes wander). On whole images, short of steps, a decaying rate lost.
+WARMUP_FRACTION = 0.02
+
+
+def resolve_schedule(schedule, model, crop):
+    """`--schedule` for `model` ("vqvae" or "pixelcnn") trained on `crop`-px crops (0: whole images)."""
+    if schedule != "auto":
+        return schedule
+    return "cosine" if model == "vqvae" and crop else "constant"
+
+
+def learning_rate(peak, schedule, total_steps):
+    """Adam's learning rate over `total_steps`: `peak` throughout ("constant"), or ("cosine") a linear warm-up
+    from 0 over WARMUP_FRACTION of the steps, then a cosine decay from `peak` to 0 by the last step.
+
+    The cosine is a function of the optimizer's own step counter, so a resumed run continues it exactly.
+    """
+    if schedule == "constant":
+        return peak
+    warmup = max(1, round(total_steps * WARMUP_FRACTION))
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total_steps - warmup), alpha=0.0,
+                                                  warmup_target=peak, warmup_steps=warmup)
 
 
 def crop_epochs(epochs, image_size, crop):
@@ -578,17 +606,19 @@ def train_vqvae(args, log=print):
     if args.crop and (args.crop > args.image_size or args.crop % args.downsample):
         raise TrainingError(f"--crop {args.crop} must be a multiple of --downsample {args.downsample} and at most "
                             f"--image-size {args.image_size}.")
+    args.schedule = resolve_schedule(args.schedule, "vqvae", args.crop)
     if not resuming:
         run.save_config("vqvae", vqvae_config(args, source, {"train": len(train), "validate": len(val),
                                                               "test": len(source.splits["test"])}))
     hyper = run.config("vqvae")["vqvae"]
+    steps = len(train) // args.batch_size
 
     with strategy.scope(), dtype_policy(policy):
         model = modules.VQVAE(**hyper)
         model.build((None, args.image_size, args.image_size, 1))
-        model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=jit_flag(args))
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate(args.lr, args.schedule, steps * args.epochs)),
+                      jit_compile=jit_flag(args))
     log(describe_devices(strategy, policy, model.jit_compile))
-    steps = len(train) // args.batch_size
 
     def make_train(first_epoch, skip):
         return distribute(strategy, lambda batch, context: dataset.make_dataset(
@@ -602,7 +632,8 @@ def train_vqvae(args, log=print):
     crops = f" (trained on random {args.crop}x{args.crop} crops)" if args.crop else ""
     log(f"vqvae: {source.kind} data, train {len(train)} / validate {len(val)} images at {args.image_size} px{crops}, "
         f"{args.image_size // args.downsample}x{args.image_size // args.downsample} codes of K={hyper['num_codes']}, "
-        f"{model.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run.path}")
+        f"{model.count_params():,} parameters, {args.epochs} epochs of {steps} steps, Adam {args.lr:g} "
+        f"({args.schedule}), run folder {run.path}")
     rows = fit_in_run(model, "vqvae", run.path, make_train, val_ds, steps=steps, epochs=args.epochs,
                       resuming=resuming, monitor="val_ssim", mode="max",
                       grid=ReconstructionGrid(grid_images, run.path) if chief else None, args=args, chief=chief)
@@ -615,6 +646,7 @@ def train_vqvae(args, log=print):
         "best_epoch": int(best_row["epoch"]) + 1,
         "perplexity": float(best_row["val_perplexity"]), "codes_used": float(best_row["val_codes_used"]),
         "checkpoint": str(run.checkpoint("vqvae")), "image_size": args.image_size, "crop": args.crop,
+        "schedule": args.schedule,
         "train_images": len(train), "validate_images": len(val), "split_seed": args.split_seed,
         "replicas": strategy.num_replicas_in_sync, "precision": policy, "jit_compile": bool(model.jit_compile),
     }
@@ -722,6 +754,7 @@ def train_pixelcnn(args, log=print):
         setattr(args, name, getattr(args, name) or defaults[name])
     if args.smoke:
         args.epochs, args.limit = 1, min(args.limit or 64, 64)
+    args.schedule = resolve_schedule(args.schedule, "pixelcnn", 0)
     configure(args.seed, args.jit_compile)
     splits = {name: runs.limit_split(split, args.limit, args.seed) for name, split in vq_run.splits(source).items()}
     if len(splits["train"]) < args.batch_size:
@@ -736,13 +769,14 @@ def train_pixelcnn(args, log=print):
                  "num_classes": num_classes, "grid_size": None if args.no_position else list(grid_shape)}
         run.save_config("pixelcnn", {
             "model": "pixelcnn", "batch_size": args.batch_size, "epochs": args.epochs, "learning_rate": args.lr,
-            "seed": args.seed, "limit": args.limit, "pixelcnn": hyper, "grid": list(grid_shape),
+            "schedule": args.schedule, "seed": args.seed, "limit": args.limit, "pixelcnn": hyper, "grid": list(grid_shape),
             "class_names": source.class_names, "counts": {name: len(c) for name, c in codes.items()},
             "vqvae_digest": vq_run.vqvae_digest()})
     elif run.config("pixelcnn").get("vqvae_digest") != vq_run.vqvae_digest():
         raise TrainingError(f"the interrupted prior in {run.path} was trained on another VQ-VAE than the one there "
                             "now. Pass --overwrite to train a new prior.")
     hyper = run.config("pixelcnn")["pixelcnn"]
+    steps = len(codes["train"]) // args.batch_size
 
     with strategy.scope(), dtype_policy(policy):
         prior = modules.GatedPixelCNN(**hyper)
@@ -750,11 +784,10 @@ def train_pixelcnn(args, log=print):
                "label": tf.zeros((1,), tf.int32)})
         if not resuming:  # a resumed run restores its own weights
             prior.init_from_codebook(keras.ops.convert_to_numpy(vqvae.quantizer.codes()))
-        prior.compile(optimizer=keras.optimizers.Adam(args.lr),
+        prior.compile(optimizer=keras.optimizers.Adam(learning_rate(args.lr, args.schedule, steps * args.epochs)),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=[modules.BitsPerCode()], jit_compile=jit_flag(args))
     log(describe_devices(strategy, policy, prior.jit_compile))
-    steps = len(codes["train"]) // args.batch_size
 
     def make_train(first_epoch, skip):
         return code_dataset(codes["train"], splits["train"], args.batch_size, shuffle=True, seed=args.seed,
@@ -809,7 +842,12 @@ def parse_args(argv=None):
                              "pixelcnn 40 and 10)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size (default: vqvae 16, "
                                                                       "pixelcnn 32)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the peak of a cosine schedule)")
+    parser.add_argument("--schedule", choices=["auto", "constant", "cosine"], default="auto",
+                        help="learning rate over the run: constant --lr, or cosine (a linear warm-up over the first "
+                             f"{WARMUP_FRACTION * 100:g}%% of the steps, then a cosine decay to 0 at the last); auto: cosine "
+                             "for a VQ-VAE trained on crops (measured better inside the brain at 64x64 on real "
+                             "slices), constant otherwise (stored in the run)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of initialisation, data order and codebook restarts (not of the split)")
     parser.add_argument("--split-seed", type=int, default=None,

@@ -210,8 +210,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
             command(train, *flags, "--run", folders["killed"])
     meta = json.loads((folders["killed"] / f"{model}_backup" / "training_metadata.json").read_text())
     assert meta == {"epoch": 0, "batches_done": 2}
-    if resume_without:
-        assert json.loads((folders["killed"] / "vqvae_config.json").read_text())["crop"] == 16
+    if resume_without:  # crops bring the cosine schedule (auto), which the resumed run must continue exactly
+        config = json.loads((folders["killed"] / "vqvae_config.json").read_text())
+        assert (config["crop"], config["schedule"]) == (16, "cosine")
         at = flags.index("--crop")
         flags = flags[:at] + flags[at + 2:]
     done = command(train, *flags, "--run", folders["killed"])
@@ -241,6 +242,20 @@ def test_real_data_trains_on_crops_by_default_and_old_runs_resume_on_whole_image
     runs.write_json(run.file("vqvae", "config.json"), old_config)
     args = run.resume_args("vqvae", train.parse_args([]))
     assert args.crop == 0  # a run from before crops is not switched to them halfway
+    assert args.schedule == "constant"  # nor to a decaying learning rate
+
+
+def test_crops_take_a_warm_up_then_cosine_learning_rate_and_whole_images_a_constant_one():
+    assert train.resolve_schedule("auto", "vqvae", 64) == "cosine"  # measured better on crops (README)
+    assert train.resolve_schedule("auto", "vqvae", 0) == "constant"
+    assert train.resolve_schedule("auto", "pixelcnn", 0) == "constant"
+    assert train.resolve_schedule("cosine", "vqvae", 0) == "cosine"  # the flag wins
+    assert train.learning_rate(1e-3, "constant", 1000) == 1e-3
+    schedule = train.learning_rate(1e-3, "cosine", 1000)  # 20 warm-up steps, then 980 of decay
+    rates = np.array([float(schedule(step)) for step in range(0, 1001, 10)])
+    np.testing.assert_allclose(rates[:3], [0.0, 5e-4, 1e-3], atol=1e-9)
+    assert np.all(np.diff(rates[2:]) < 0) and rates[-1] < 1e-9
+    np.testing.assert_allclose(float(schedule(510)), 5e-4, rtol=1e-5)  # half way through the decay
 
 
 def test_nearest_ssim_in_bounded_chunks_equals_all_pairs_at_once(tiny_data):
