@@ -233,7 +233,8 @@ def main(argv=None):
     parser.add_argument("--preset", choices=["model", "train"], default="model",
                         help="our models' starting options: modules.VQVAE's constructor defaults (model, today's "
                              "model) or what train.py builds by default for the model's grid and --crop (train); --set "
-                             "changes them")
+                             "changes them. The learning rate is --schedule's (train.py's default on crops: "
+                             "--schedule cosine)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a modules.VQVAE argument for our models (repeatable); VALUE is read as JSON, else "
                              "as a string: --set loss=ssim_l1 --set normalize_codes=true --set decoder_channels=96")
