@@ -472,7 +472,8 @@ def vqvae_config(args, source, counts):
         "split_seed": args.split_seed, "skip_bad": bool(args.skip_bad), "limit": args.limit,
         "slice_axis": args.slice_axis, "slices": args.slices,
         "image_size": args.image_size, "crop": args.crop, "batch_size": args.batch_size, "epochs": args.epochs,
-        "learning_rate": args.lr, "schedule": args.schedule, "vqvae": vqvae_options(args, args.image_size, source.kind), "counts": counts,
+        "learning_rate": args.lr, "schedule": args.schedule,
+        "vqvae": vqvae_options(args, args.image_size, source.kind), "counts": counts,
     }
 
 
@@ -770,7 +771,8 @@ def train_pixelcnn(args, log=print):
                  "num_classes": num_classes, "grid_size": None if args.no_position else list(grid_shape)}
         run.save_config("pixelcnn", {
             "model": "pixelcnn", "batch_size": args.batch_size, "epochs": args.epochs, "learning_rate": args.lr,
-            "schedule": args.schedule, "seed": args.seed, "limit": args.limit, "pixelcnn": hyper, "grid": list(grid_shape),
+            "schedule": args.schedule, "seed": args.seed, "limit": args.limit, "pixelcnn": hyper,
+            "grid": list(grid_shape),
             "class_names": source.class_names, "counts": {name: len(c) for name, c in codes.items()},
             "vqvae_digest": vq_run.vqvae_digest()})
     elif run.config("pixelcnn").get("vqvae_digest") != vq_run.vqvae_digest():
@@ -845,10 +847,10 @@ def parse_args(argv=None):
                                                                       "pixelcnn 32)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the peak of a cosine schedule)")
     parser.add_argument("--schedule", choices=["auto", "constant", "cosine"], default="auto",
-                        help="learning rate over the run: constant --lr, or cosine (a linear warm-up over the first "
-                             f"{WARMUP_FRACTION * 100:g}%% of the steps, then a cosine decay to 0 at the last); auto: cosine "
-                             "for a VQ-VAE trained on crops (measured better inside the brain at 64x64 on real "
-                             "slices), constant otherwise (stored in the run)")
+                        help="learning rate over the run: constant --lr, or cosine (a linear warm-up over the "
+                             f"first {WARMUP_FRACTION * 100:g}%% of the steps, then a cosine decay to 0 at the last); "
+                             "auto: cosine for a VQ-VAE trained on crops (measured better inside the brain at 64x64 "
+                             "on real slices), constant otherwise (stored in the run)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of initialisation, data order and codebook restarts (not of the split)")
     parser.add_argument("--split-seed", type=int, default=None,
