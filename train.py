@@ -517,8 +517,9 @@ def default_crop(kind, image_size, downsample):
 # cosine decay of the learning rate to 0; whole images keep it constant. At 64x64 on real slices with 64 px crops,
 # 16 minutes on 2 cores (README, "Reconstruction inside the brain: training on random crops"): test SSIM inside
 # the brain 0.952, 0.952 and 0.951 for three seeds with the cosine, against 0.952 and 0.947 for two at a constant
-# rate (whose last minutes wander), whole-image 0.981 against 0.979 and 0.978; at 32x32 (one seed) about even, 0.786 against 0.783
-# inside the brain, 0.924 against 0.925 over the image. On whole images, short of steps, a decaying rate lost.
+# rate (whose last minutes wander), whole-image 0.981 against 0.979 and 0.978; at 32x32 (one seed) about even,
+# 0.786 against 0.783 inside the brain, 0.924 against 0.925 over the image. On whole images, short of steps, a
+# decaying rate lost.
 WARMUP_FRACTION = 0.02
 
 
