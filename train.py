@@ -517,7 +517,7 @@ def default_crop(kind, image_size, downsample):
 # cosine decay of the learning rate to 0; whole images keep it constant. At 64x64 on real slices with 64 px crops,
 # 16 minutes on 2 cores (README, "Reconstruction inside the brain: training on random crops"): test SSIM inside
 # the brain 0.952, 0.952 and 0.951 for three seeds with the cosine, against 0.952 and 0.947 for two at a constant
-# rate (whose last minutes wander), whole-image 0.981 against 0.979 and 0.978; at 32x32 (one seed) about even,
+# rate (whose last minutes wander), whole-image 0.980-0.981 against 0.979 and 0.978; at 32x32 (one seed) about even,
 # 0.786 against 0.783 inside the brain, 0.924 against 0.925 over the image. On whole images, short of steps, a
 # decaying rate lost.
 WARMUP_FRACTION = 0.02
@@ -534,11 +534,14 @@ def learning_rate(peak, schedule, total_steps):
     """Adam's learning rate over `total_steps`: `peak` throughout ("constant"), or ("cosine") a linear warm-up
     from 0 over WARMUP_FRACTION of the steps, then a cosine decay from `peak` to 0 by the last step.
 
-    The cosine is a function of the optimizer's own step counter, so a resumed run continues it exactly.
+    The cosine is a function of the optimizer's own step counter, so a resumed run continues it exactly. Runs
+    too short for a whole warm-up step start at `peak` (a warm-up step runs at rate 0).
     """
     if schedule == "constant":
         return peak
-    warmup = max(1, round(total_steps * WARMUP_FRACTION))
+    warmup = round(total_steps * WARMUP_FRACTION)
+    if warmup < 1:
+        return keras.optimizers.schedules.CosineDecay(peak, decay_steps=max(1, total_steps), alpha=0.0)
     return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total_steps - warmup), alpha=0.0,
                                                   warmup_target=peak, warmup_steps=warmup)
 
@@ -806,7 +809,8 @@ def train_pixelcnn(args, log=print):
     cond = ", ".join(cond + ["grid position"] * bool(hyper.get("grid_size"))) or "nothing"
     log(f"pixelcnn: {source.kind} data, train {len(codes['train'])} / validate {len(codes['validate'])} code grids "
         f"of {grid_shape[0]}x{grid_shape[1]} (K={hyper['num_codes']}), conditioned on {cond}, "
-        f"{prior.count_params():,} parameters, {args.epochs} epochs of {steps} steps, run folder {run.path}")
+        f"{prior.count_params():,} parameters, {args.epochs} epochs of {steps} steps, Adam {args.lr:g} "
+        f"({args.schedule}), run folder {run.path}")
     rows = fit_in_run(prior, "pixelcnn", run.path, make_train, val_ds, steps=steps, epochs=args.epochs,
                       resuming=resuming, monitor="val_bits_per_code", mode="min", grid=grid, args=args, chief=chief)
     best_row = min(rows, key=lambda r: float(r["val_bits_per_code"]))
@@ -816,7 +820,7 @@ def train_pixelcnn(args, log=print):
         "val_bits_per_code": float(best_row["val_bits_per_code"]), "best_epoch": int(best_row["epoch"]) + 1,
         "uniform_bits_per_code": math.log2(hyper["num_codes"]),
         "unigram_bits_per_code": unigram_bits(codes["train"], codes["validate"], hyper["num_codes"]),
-        "checkpoint": str(run.checkpoint("pixelcnn")), "grid": list(grid_shape),
+        "checkpoint": str(run.checkpoint("pixelcnn")), "grid": list(grid_shape), "schedule": args.schedule,
         "num_slices": hyper["num_slices"], "num_classes": hyper["num_classes"],
         "train_grids": len(codes["train"]), "validate_grids": len(codes["validate"]),
         "replicas": strategy.num_replicas_in_sync, "precision": policy, "jit_compile": bool(prior.jit_compile),

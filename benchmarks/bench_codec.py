@@ -270,8 +270,9 @@ def main(argv=None):
         kind = "phantoms" if data is None else "folder"
         recipes = [train.vqvae_options(train.parse_args(["--downsample", str(d)]), 256, kind) for d in (8, 4)]
         crops = [train.default_crop(kind, 256, d) for d in (8, 4)]  # runs trained on whole images are not reused
+        schedules = [train.resolve_schedule("auto", "vqvae", c) for c in crops]  # nor runs at an older rate
         key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs, args.prior_epochs,
-                                       recipes, crops]).encode()).hexdigest()[:12]
+                                       recipes, crops, schedules]).encode()).hexdigest()[:12]
         cache = Path(args.cache or dataset.default_cache_dir())
         grids = sorted(set(args.grids or (32, 64)))
         folders = [cache / "codec_runs" / key / f"grid{g}" for g in grids]

@@ -180,6 +180,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
     vqvae-crops trains on random crops and is resumed without `--crop`: the
     run's config brings the flag back, and each image's crop depends only
     on (seed, epoch, image), so the resumed steps see the same pixels.
+    Each run resumes with the other `--schedule` flag, which its stored
+    schedule must override: a cosine (crops' default; asked of the prior)
+    continues from the optimizer's step counter.
     """
     resume_without = []
     if model == "vqvae-crops":
@@ -187,7 +190,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
     if model == "vqvae":
         flags = ["--data", tiny_data, "--epochs", "2", "--backup-every", "1", "--seed", "4", *resume_without, *TINY]
     else:
-        flags = [*PRIOR, "--epochs", "2", "--backup-every", "1", "--seed", "4"]
+        flags = [*PRIOR, "--epochs", "2", "--backup-every", "1", "--seed", "4", "--schedule", "cosine"]
+    stored = "constant" if model == "vqvae" and not resume_without else "cosine"
     folders = {}
     for name in ("whole", "killed"):
         folders[name] = tmp_path / name
@@ -210,11 +214,16 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
             command(train, *flags, "--run", folders["killed"])
     meta = json.loads((folders["killed"] / f"{model}_backup" / "training_metadata.json").read_text())
     assert meta == {"epoch": 0, "batches_done": 2}
-    if resume_without:  # crops bring the cosine schedule (auto), which the resumed run must continue exactly
-        config = json.loads((folders["killed"] / "vqvae_config.json").read_text())
-        assert (config["crop"], config["schedule"]) == (16, "cosine")
+    assert json.loads((folders["killed"] / f"{model}_config.json").read_text())["schedule"] == stored
+    if stored == "cosine":  # spread over all 2 x 4 steps
+        with zipfile.ZipFile(folders["whole"] / f"{model}_last.keras") as archive:
+            rate = json.loads(archive.read("config.json"))["compile_config"]["optimizer"]["config"]["learning_rate"]
+        assert rate["config"]["decay_steps"] + rate["config"]["warmup_steps"] == 8
+    if resume_without:
+        assert json.loads((folders["killed"] / "vqvae_config.json").read_text())["crop"] == 16
         at = flags.index("--crop")
         flags = flags[:at] + flags[at + 2:]
+    flags += ["--schedule", "constant" if stored == "cosine" else "cosine"]  # the run's stored schedule wins
     done = command(train, *flags, "--run", folders["killed"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming epoch 1 at step 3 of 4" in done.stdout
@@ -256,6 +265,8 @@ def test_crops_take_a_warm_up_then_cosine_learning_rate_and_whole_images_a_const
     np.testing.assert_allclose(rates[:3], [0.0, 5e-4, 1e-3], atol=1e-9)
     assert np.all(np.diff(rates[2:]) < 0) and rates[-1] < 1e-9
     np.testing.assert_allclose(float(schedule(510)), 5e-4, rtol=1e-5)  # half way through the decay
+    short = train.learning_rate(1e-3, "cosine", 10)  # too short for a warm-up step: starts at the peak
+    assert float(short(0)) == pytest.approx(1e-3) and 0 < float(short(9)) < 1e-4
 
 
 def test_nearest_ssim_in_bounded_chunks_equals_all_pairs_at_once(tiny_data):
