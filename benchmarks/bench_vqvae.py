@@ -98,8 +98,11 @@ def build(name, size, options=None, lr=1e-3, seed=0):
     return model, model.reconstruct
 
 
-def learning_rate(peak, fraction, schedule, warmup=0.02):
-    """The learning rate `fraction` of the way through the budget: constant, or linear warm-up then cosine to 0."""
+def learning_rate(peak, fraction, schedule, warmup=train_script.WARMUP_FRACTION):
+    """The learning rate `fraction` of the way through the budget: constant, or linear warm-up then cosine to 0.
+
+    The curve of `train.learning_rate` (the same warm-up fraction), over the wall-clock budget instead of steps.
+    """
     if schedule == "constant":
         return peak
     if fraction < warmup:
