@@ -409,8 +409,8 @@ def brain_loss(images, reconstructions, alpha=0.84, background=1.0, mask=None):
     brain (`metrics.brain_mask` of the originals): SSIM is averaged over the
     mask, the score `metrics.image_quality` reports, and L1 weights the
     mask by 1 and the rest of the canvas by `background`, which keeps it
-    black (at 0.1 a faint haze stays there and costs whole-image SSIM:
-    measured in the README). Reconstructions are
+    black (at 0.1 a faint haze stays there and costs whole-image SSIM;
+    docs/results.md). Reconstructions are
     not clipped, so the gradient does not vanish outside [0, 1].
 
     Args:

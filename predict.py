@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+import devices  # noqa: F401  first: it imports TensorFlow without its start-up noise
 import codec
 import dataset
 import metrics
@@ -81,44 +82,48 @@ def save_png(image, path):
 
 
 def load_vqvae(run, checkpoint=None):
-    """The VQ-VAE to evaluate and its run config: the run's, or a `.keras` file's (its folder's config if any)."""
+    """The VQ-VAE to evaluate and its data config (`config.DataConfig`): the run's, or a `.keras` file's (its
+    folder's config if any, else None)."""
     if checkpoint is None:
-        return run.load_vqvae(), run.config("vqvae"), run.checkpoint("vqvae")
+        return run.load_vqvae(), run.settings("vqvae").data, run.checkpoint("vqvae")
     path = Path(checkpoint)
     folder = runs.Run(path.parent)
-    config = folder.config("vqvae") if folder.file("vqvae", "config.json").is_file() else {}
+    data = folder.settings("vqvae").data if folder.file("vqvae", "config.json").is_file() else None
     model = runs.load_checkpoint(path, modules.VQVAE, "VQ-VAE",
                                  "Pass the checkpoint of a trained VQ-VAE, or its run folder with --run.")
-    return model, config, path
+    return model, data, path
 
 
-def resolve_split(run, config, args):
-    """The `dataset.Split` to evaluate, its kind and notes: a split of the run's data, or every image of `--data`."""
-    on_bad = "skip" if args.skip_bad else ("skip" if config.get("skip_bad") else "error")
+def resolve_split(run, data, args):
+    """The `dataset.Split` to evaluate, its kind and notes: a split of the run's data, or every image of `--data`.
+
+    `data` is the run's `config.DataConfig`, or None for a bare checkpoint.
+    """
+    on_bad = "skip" if args.skip_bad or (data is not None and data.skip_bad) else "error"
     if args.split == "all":
         if args.data is None:
             raise PredictError("--split all needs --data: the folder whose every image is reconstructed.")
         if Path(args.data).is_dir() and dataset.holds_volumes(args.data):  # sliced as the run's data were
-            return volume_folder(args.data, config, on_bad), "volumes", []
+            return volume_folder(args.data, data, on_bad), "volumes", []
         files = dataset.make_split(dataset.list_images(args.data))
         if not len(files):
             raise dataset.DataError(f"no images found: {args.data} holds no .png/.jpg/.jpeg files.")
         checked, notes = dataset.check_split("all", files, on_bad=on_bad)
         return checked, "folder", notes
-    if not config:
+    if data is None:
         raise PredictError(f"--split {args.split} needs the run's config (vqvae_config.json beside the checkpoint) "
                            "to know its split. Pass --run, or --split all --data FOLDER.")
-    source = run.source(data=args.data, on_bad=on_bad, split_seed=args.split_seed)
+    source = run.source(folder=args.data, on_bad=on_bad, split_seed=args.split_seed)
     return source.splits[args.split], source.kind, source.notes
 
 
-def volume_folder(folder, config, on_bad="error"):
+def volume_folder(folder, data, on_bad="error"):
     """Every kept slice of the volumes under `folder`, sliced as the run's data were (its axis and kept slices)."""
     if dataset.list_images(folder):
         raise dataset.DataError(f"{folder} holds both volumes and 2D slices. Pass a folder of one kind.")
     paths = dataset.list_volumes(folder, unpaired="skip" if on_bad == "skip" else "error")
-    return dataset.volume_split(paths, root=folder, slice_axis=config.get("slice_axis") or "axial",
-                                slices=config.get("slices"), on_bad=on_bad)
+    return dataset.volume_split(paths, root=folder, slice_axis=data.slice_axis if data else "axial",
+                                slices=data.slices if data else None, on_bad=on_bad)
 
 
 def reconstruct_split(model, split, image_size, fit="pad", batch_size=16, export_codes=False, save_to=None,
@@ -223,7 +228,7 @@ def nearest_ssim(images, split, image_size, fit, batch_size=64, pair_pixels=PAIR
     return best, [split.paths[i] for i in where]
 
 
-def memorisation_check(samples, vqvae, source, config, seed=0, log=print):
+def memorisation_check(samples, vqvae, source, data, seed=0, log=print):
     """Each sample's SSIM to its nearest training slice, beside like-for-like references.
 
     The samples are decoded by the VQ-VAE, so the references are decoded too:
@@ -236,7 +241,7 @@ def memorisation_check(samples, vqvae, source, config, seed=0, log=print):
     Returns:
         `(summary dict, nearest per sample, nearest file per sample)`.
     """
-    size, fit, n = config["image_size"], config["fit"], len(samples)
+    size, fit, n = data.image_size, data.fit, len(samples)
     train = source.splits["train"]
     rng = np.random.default_rng(seed)
 
@@ -260,7 +265,7 @@ def memorisation_check(samples, vqvae, source, config, seed=0, log=print):
     return summary, ours, files[:n]
 
 
-def generation_quality(samples, vqvae, run, source, config, args, log=print):
+def generation_quality(samples, vqvae, run, source, data, args, log=print):
     """The sample-quality metrics of `metrics.sample_quality` for a run's generated slices.
 
     The reference is as many real slices as there are samples: the run's
@@ -269,14 +274,14 @@ def generation_quality(samples, vqvae, run, source, config, args, log=print):
     The evaluation network is trained once on the run's training split and
     cached by the digest of its files.
     """
-    size, fit = config["image_size"], config["fit"]
+    size, fit = data.image_size, data.fit
     train = run.splits(source, ("train",))["train"]
     if args.reference_data:
         folder = Path(args.reference_data)
         if not folder.is_dir():
             raise PredictError(f"--reference-data: folder not found: {folder}. Pass a folder of real slices.")
         if dataset.holds_volumes(folder):
-            reference_split = volume_folder(folder, config, "skip" if args.skip_bad else "error")
+            reference_split = volume_folder(folder, data, "skip" if args.skip_bad else "error")
         else:
             reference_split = dataset.make_split(dataset.list_images(folder))
         if not len(reference_split):
@@ -309,7 +314,7 @@ def run_generation(args, log=print):
     """Samples new slices with the prior, decodes them, and checks them against the training set."""
     start = time.perf_counter()
     run = runs.Run(args.run)
-    vqvae, vq_config = run.load_vqvae(), run.config("vqvae")
+    vqvae, data = run.load_vqvae(), run.settings("vqvae").data
     prior, config = run.load_prior(), run.config("pixelcnn")
     height, width = config["grid"]
     hyper = config["pixelcnn"]
@@ -354,7 +359,7 @@ def run_generation(args, log=print):
     if not (args.no_memorisation_check and args.no_quality):
         source = run.source(on_bad="skip" if args.skip_bad else None)
     if not args.no_memorisation_check:
-        check, nearest, files = memorisation_check(images, vqvae, source, vq_config, seed=args.seed, log=log)
+        check, nearest, files = memorisation_check(images, vqvae, source, data, seed=args.seed, log=log)
         tmp = out / f".nearest_train.csv.tmp-{os.getpid()}"
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
@@ -365,7 +370,7 @@ def run_generation(args, log=print):
         summary.update({**check, "nearest_csv": str(out / "nearest_train.csv")})
         titles = [f"nearest train SSIM {s:.2f}" for s in nearest]
     if not args.no_quality:
-        summary["quality"] = generation_quality(images, vqvae, run, source, vq_config, args, log)
+        summary["quality"] = generation_quality(images, vqvae, run, source, data, args, log)
     title = f"{len(images)} generated slices ({height}x{width} codes, T={args.temperature})"
     if args.slice is not None:
         title += f", slice {args.slice}"
@@ -382,15 +387,14 @@ def parse_args(argv=None):
                     "every image, over the whole image and inside the brain; write a per-image CSV, a JSON "
                     "summary and a comparison figure. Or, with --generate N, sample new slices with the run's "
                     "prior; with --compress / --decompress, code slices into a .bvq file with the VQ-VAE and "
-                    "prior, and back.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", default="runs/latest", help="run folder of a trained VQ-VAE")
+                    "prior, and back.")
+    parser.add_argument("--run", default="runs/latest", help="run folder of a trained VQ-VAE (default: runs/latest)")
     parser.add_argument("--checkpoint", default=None, help="a .keras VQ-VAE file instead of --run")
     parser.add_argument("--data", default=None,
                         help="data folder; default: the one the run was trained on (or the phantoms)")
     parser.add_argument("--split", choices=["test", "validate", "train", "all"], default="test",
                         help="which split of the run's data to reconstruct; 'all' is every image under --data "
-                             "(a folder of your own)")
+                             "(a folder of your own) (default: test)")
     parser.add_argument("--split-seed", type=int, default=None,
                         help="only to check: the run's own split is always used, and any other seed is refused "
                              "(it would put training images in the test split)")
@@ -400,9 +404,10 @@ def parse_args(argv=None):
                         help="how images of another size are fitted to --image-size (default: the run's, else pad)")
     parser.add_argument("--limit", type=int, default=None, help="reconstruct at most N images (a seeded subset)")
     parser.add_argument("--batch-size", type=int, default=16,
-                        help="images (or samples) per batch; with several GPUs, the global batch divided over them")
+                        help="images (or samples) per batch; with several GPUs, the global batch divided over them "
+                             "(default: 16)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the --limit subset; generation: sampling seed")
+                        help="seed of the --limit subset; generation: sampling seed (default: 0)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: <run>/predict_<split>, or <run>/generated)")
     parser.add_argument("--save-images", action="store_true",
@@ -418,7 +423,7 @@ def parse_args(argv=None):
                      help="sample N new slices with the run's PixelCNN prior instead of reconstructing")
     gen.add_argument("--slice", type=int, default=None, help="axial slice position to generate at (OASIS 0-31)")
     gen.add_argument("--label", default=None, help="class to generate (a class folder name of the data)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the sampler")
+    gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the sampler (default: 1.0)")
     gen.add_argument("--no-xla", action="store_true", help="do not XLA-compile the sampler (slower, no compile wait)")
     gen.add_argument("--no-memorisation-check", action="store_true",
                      help="skip the SSIM-to-nearest-training-slice check")
@@ -436,7 +441,8 @@ def parse_args(argv=None):
                      help="decode a .bvq file with the run it was written with; one PNG per slice under --out "
                           "DIR, named and sized as the originals (pad fit)")
     cod.add_argument("--chunk", type=int, default=codec.CHUNK,
-                     help="slices coded together (a batch of the prior's steps); stored in the file")
+                     help="slices coded together (a batch of the prior's steps); stored in the file (default: "
+                          f"{codec.CHUNK})")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
     if args.compress and args.decompress:
@@ -469,15 +475,15 @@ def run_reconstruction(args, log=print):
     run = runs.Run(args.run)
     strategy = device_strategy(args.batch_size, log)
     with strategy.scope():
-        model, config, checkpoint = load_vqvae(run, args.checkpoint)
+        model, data, checkpoint = load_vqvae(run, args.checkpoint)
     if args.checkpoint:
         run = runs.Run(Path(args.checkpoint).parent)
-    image_size = args.image_size or config.get("image_size") or 256
+    image_size = args.image_size or (data.image_size if data else 256)
     if image_size % model.downsample:
         raise PredictError(f"--image-size {image_size} is not a multiple of the model's downsampling "
                            f"({model.downsample}).")
-    fit = args.fit or config.get("fit", "pad")
-    split, kind, notes = resolve_split(run, config, args)
+    fit = args.fit or (data.fit if data else "pad")
+    split, kind, notes = resolve_split(run, data, args)
     for note in notes:
         log(f"note: {note}")
     split = runs.limit_split(split, args.limit, args.seed)
@@ -557,7 +563,7 @@ def content_box(height, width, size, fit):
     return (size - new[0]) // 2, (size - new[1]) // 2, int(new[0]), int(new[1])
 
 
-def _images_to_compress(target, config, vq_config=None):
+def _images_to_compress(target, config, data=None):
     """The images to compress and the names their PNGs get.
 
     Args:
@@ -566,7 +572,7 @@ def _images_to_compress(target, config, vq_config=None):
             were (its slice axis and kept slices).
         config: the prior's run config; its "class_names" label the files
             by their first folder below `target`, as training labelled them.
-        vq_config: the VQ-VAE's run config (for volumes).
+        data: the VQ-VAE's `config.DataConfig` (for volumes).
 
     Returns:
         `(split, names)`: the checked `dataset.Split`, and per file its path
@@ -577,15 +583,14 @@ def _images_to_compress(target, config, vq_config=None):
             two files that would decompress to the same PNG.
     """
     target = Path(target)
-    vq_config = vq_config or {}
     if (target.is_dir() and dataset.holds_volumes(target)) or (target.is_file() and volumes.is_volume(target)):
         root = target if target.is_dir() else target.parent
         if target.is_dir():
-            split = volume_folder(target, vq_config)
+            split = volume_folder(target, data)
         else:
             path = str(target.with_suffix(".hdr")) if target.suffix.lower() == ".img" else str(target)
-            split = dataset.volume_split([path], root=root, slice_axis=vq_config.get("slice_axis") or "axial",
-                                         slices=vq_config.get("slices"))
+            split = dataset.volume_split([path], root=root, slice_axis=data.slice_axis if data else "axial",
+                                         slices=data.slices if data else None)
         names = [(Path(volumes.parse_reference(p)[0]).relative_to(root).parent / f"{dataset.item_name(p)}.png")
                  .as_posix() for p in split.paths]
     else:
@@ -631,10 +636,10 @@ def compress(run, split, names, out, chunk=codec.CHUNK, log=print):
         The summary dict (the keys of `--compress --json`), with the code grids under "codes".
     """
     start = time.perf_counter()
-    vqvae, vq_config = run.load_vqvae(), run.config("vqvae")
+    vqvae, data = run.load_vqvae(), run.settings("vqvae").data
     prior, config = run.load_prior(), run.config("pixelcnn")
     hyper = config["pixelcnn"]
-    image_size, fit = vq_config["image_size"], vq_config["fit"]
+    image_size, fit = data.image_size, data.fit
     # The prior conditions on what the names and folders carry; out-of-range values mean "unknown" to it.
     slices = np.where((split.slices >= 0) & (split.slices < hyper["num_slices"]), split.slices, -1)
     labels = split.labels if hyper["num_classes"] else np.full(len(split), -1, np.int32)
@@ -717,7 +722,7 @@ def run_compress(args, log=print):
     if not Path(args.out).parent.is_dir() or Path(args.out).is_dir():
         raise PredictError(f"--out {args.out}: pass a file in an existing folder (the folder is not created).")
     run = runs.Run(args.run)
-    split, names = _images_to_compress(args.compress, run.config("pixelcnn"), run.config("vqvae"))
+    split, names = _images_to_compress(args.compress, run.config("pixelcnn"), run.settings("vqvae").data)
     log(f"compressing {len(split)} images from {args.compress} with {run.path}")
     summary = compress(run, split, names, args.out, args.chunk, log)
     summary.pop("codes")

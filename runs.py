@@ -7,20 +7,22 @@
 
 A run folder holds a VQ-VAE and, once trained, the prior over its codes:
 
-    vqvae_config.json     every flag that shaped the VQ-VAE, its data and its split
+    vqvae_config.json     the whole resolved config (`config.to_record`, versioned), the data's kind, split sizes
     vqvae_best.keras      the checkpoint the prior and predict.py use (vqvae_last.keras: the last epoch)
     vqvae_backup/         the mid-epoch backup an interrupted run resumes from
-    pixelcnn_config.json  the prior's flags, and the digest of the vqvae_best.keras it was trained on
+    pixelcnn_config.json  the prior's resolved config, and the digest of the vqvae_best.keras it was trained on
     pixelcnn_best.keras   ... and the same files as the VQ-VAE's
     codes_cache.npz       the VQ-VAE's codes of the train and validate splits
 
 `train.py`, `predict.py` and the benchmarks all go through `Run`: there is
-one checkpoint loader, one place that turns a run's config into its data, and
-one list of the flags a resumed run takes from its config.
+one checkpoint loader and one place that turns a run's config into its data.
+A resumed run reads its whole config back from here; a record of another
+version is refused with one line saying to retrain.
 """
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+import config
 import dataset
 import metrics
 import modules
@@ -38,16 +41,6 @@ import tensorflow as tf  # noqa: E402
 
 KINDS = {"vqvae": "VQ-VAE", "pixelcnn": "PixelCNN prior"}
 MODEL_CLASSES = {"vqvae": "VQVAE", "pixelcnn": "GatedPixelCNN"}
-# The flags a resumed run takes from its saved config (the config wins over
-# the command line), and the config key each is stored under.
-RESUMED = {
-    "vqvae": {"data": "data", "fit": "fit", "seed": "seed", "split_seed": "split_seed", "limit": "limit",
-              "skip_bad": "skip_bad", "image_size": "image_size", "batch_size": "batch_size", "epochs": "epochs",
-              "lr": "learning_rate", "downsample": "downsample", "slice_axis": "slice_axis", "slices": "slices",
-              "crop": "crop", "schedule": "schedule"},
-    "pixelcnn": {"batch_size": "batch_size", "epochs": "epochs", "lr": "learning_rate", "seed": "seed",
-                 "limit": "limit", "schedule": "schedule"},
-}
 
 
 class RunError(RuntimeError):
@@ -217,36 +210,34 @@ class Run:
     # -- configs ------------------------------------------------------------
 
     def config(self, kind):
-        """The saved config of `kind` (read once)."""
+        """The saved record of `kind` (read once): its resolved config (`config.to_record`) and what training
+        found (the data's kind, split sizes; for the prior its model arguments and the VQ-VAE's digest).
+
+        A record of another layout version is one RunError line saying to retrain.
+        """
         if kind not in self._configs:
             path = self.file(kind, "config.json")
             if not path.is_file():
                 raise RunError(f"no {KINDS[kind]} config in {self.path} (no {path.name}). Train one with "
                                f"`python train.py --model {kind}`, or pass its run folder with --run.")
-            self._configs[kind] = read_json(path, f"{KINDS[kind]} config")
+            record = read_json(path, f"{KINDS[kind]} config")
+            if not isinstance(record, dict) or record.get("version") != config.VERSION:
+                raise RunError(f"the {KINDS[kind]} in {self.path} was trained by an older version of this project "
+                               f"({path.name} has no version-{config.VERSION} config); retrain it with `python "
+                               f"train.py --model {kind}` in a new --run folder.")
+            self._configs[kind] = record
         return self._configs[kind]
 
-    def save_config(self, kind, config):
-        write_json(self.file(kind, "config.json"), config)
-        self._configs[kind] = config
+    def settings(self, kind):
+        """The `config.Config` that `kind` was trained with."""
+        try:
+            return config.from_record(self.config(kind), where=f"{self.file(kind, 'config.json')}")
+        except config.ConfigError as err:
+            raise RunError(str(err)) from None
 
-    def resume_args(self, kind, args):
-        """Sets the flags a resumed run takes from its config on `args` (the config wins)."""
-        config = self.config(kind)
-        for flag, key in RESUMED[kind].items():
-            value = config.get(key, config.get(kind, {}).get(key))
-            if flag == "data" and config.get("source") == "phantoms":
-                value = None
-            if flag == "split_seed" and value is None:  # runs from before --split-seed
-                value = config.get("seed", 0)
-            if flag == "slice_axis" and value is None:  # runs from before volumes
-                value = "axial"
-            if flag == "crop" and value is None:  # runs from before crops: whole images
-                value = 0
-            if flag == "schedule" and value is None:  # runs from before --schedule: a constant rate
-                value = "constant"
-            setattr(args, flag, value)
-        return args
+    def save_config(self, kind, record):
+        write_json(self.file(kind, "config.json"), record)
+        self._configs[kind] = record
 
     # -- preparing a run for training --------------------------------------
 
@@ -281,11 +272,11 @@ class Run:
 
     # -- data ----------------------------------------------------------------
 
-    def source(self, data=None, on_bad=None, split_seed=None, warn=None):
+    def source(self, folder=None, on_bad=None, split_seed=None, warn=None):
         """The data source and split the VQ-VAE was trained on.
 
         Args:
-            data: another place for the same data (it moved), or None for
+            folder: another place for the same data (it moved), or None for
                 the run's own.
             on_bad: "error" or "skip"; None takes the run's `--skip-bad`.
             split_seed: None, or the split seed asked for; anything but the
@@ -296,27 +287,26 @@ class Run:
         Returns:
             A `dataset.DataSource`.
         """
-        config = self.config("vqvae")
-        own = config.get("split_seed", config.get("seed", 0))
+        data, source = self.settings("vqvae").data, self.config("vqvae").get("source")
+        own = data.split_seed
         if split_seed is not None and split_seed != own:
             raise RunError(f"--split-seed {split_seed}: the run {self.path} was split with seed {own}; another "
                            "split would put its training images in the test split. Drop --split-seed, or use "
                            "--split all --data FOLDER for other images.")
-        if data is None and config.get("source") != "phantoms":
-            data = config.get("data")
-            if data and not Path(data).is_dir():
-                raise RunError(f"the run was trained on {data}, which is gone. Pass --data with that data's new "
+        if folder is None and source != "phantoms":
+            folder = data.data
+            if folder and not Path(folder).is_dir():
+                raise RunError(f"the run was trained on {folder}, which is gone. Pass --data with that data's new "
                                "place.")
         if on_bad is None:
-            on_bad = "skip" if config.get("skip_bad") else "error"
-        return dataset.load_source(data, seed=own, on_bad=on_bad, warn=warn,
-                                   slice_axis=config.get("slice_axis", "axial"), slices=config.get("slices"))
+            on_bad = "skip" if data.skip_bad else "error"
+        return dataset.load_source(folder, seed=own, on_bad=on_bad, warn=warn, slice_axis=data.slice_axis,
+                                   slices=data.slices)
 
     def splits(self, source, names=("train", "validate")):
-        """The splits the VQ-VAE trained and validated on (its `--limit` applied)."""
-        config = self.config("vqvae")
-        seed = config.get("split_seed", config.get("seed", 0))
-        return {name: limit_split(source.splits[name], config.get("limit"), seed) for name in names}
+        """The splits the VQ-VAE trained and validated on (its `limit` applied)."""
+        data = self.settings("vqvae").data
+        return {name: limit_split(source.splits[name], data.limit, data.split_seed) for name in names}
 
     def codes(self, vqvae, splits, log=print, cache=None):
         """Code indices (N, h, w) uint16 of each split's images, encoded once and cached.
@@ -325,10 +315,10 @@ class Run:
         VQ-VAE checkpoint's digest, the files of the splits and how images
         are fitted, so it is rebuilt whenever any of them changes.
         """
-        config = self.config("vqvae")
+        data = self.settings("vqvae").data
         key = hashlib.sha1(json.dumps({
             "vqvae": self.vqvae_digest(), "files": {name: split.paths for name, split in splits.items()},
-            "image_size": config["image_size"], "fit": config["fit"],
+            "image_size": data.image_size, "fit": data.fit,
         }, sort_keys=True).encode()).hexdigest()
         path = Path(cache or self.path / "codes_cache.npz")
         if path.is_file():
@@ -341,7 +331,7 @@ class Run:
         codes = {}
         for name, split in splits.items():
             log(f"encoding the {name} split ({len(split)} images) with the VQ-VAE, once")
-            codes[name] = encode_split(vqvae, split, config["image_size"], config["fit"])
+            codes[name] = encode_split(vqvae, split, data.image_size, data.fit)
         tmp = path.with_name(f".codes_cache.tmp-{os.getpid()}.npz")
         np.savez(tmp, key=np.array(key), **codes)
         os.replace(tmp, path)
@@ -377,3 +367,165 @@ class Run:
             raise RunError(f"the prior in {self.path} was trained on another VQ-VAE than the one there now "
                            f"(vqvae_best.keras changed); its codes would be garbage. Retrain it with {retrain}.")
         return load_checkpoint(path, modules.GatedPixelCNN, "gated PixelCNN prior", f"Retrain it with {retrain}.")
+
+
+# ---------------------------------------------------------------------------
+# Callbacks: what a training run writes into its folder as it goes
+# ---------------------------------------------------------------------------
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Writes `last` every epoch and `best` when `monitor` improves, each atomically."""
+
+    def __init__(self, last, best, monitor="val_ssim", mode="max"):
+        super().__init__()
+        self.last, self.best, self.monitor, self.mode = Path(last), Path(best), monitor, mode
+        self.best_value = None
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not finite_loss(logs):  # keep the last good checkpoint
+            return
+        atomic_save(self.model, self.last)
+        value = logs.get(self.monitor)
+        if value is None or not math.isfinite(value):
+            return
+        better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
+        if better:
+            self.best_value, self.best_epoch = float(value), epoch + 1
+            atomic_save(self.model, self.best)
+
+
+def finite_loss(logs):
+    loss = (logs or {}).get("loss")
+    return loss is None or math.isfinite(float(loss))
+
+
+def optimizer_steps(model):
+    """Training steps the model's optimizer has taken (its `iterations`, under any strategy)."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations.value))
+
+
+class Backup(keras.callbacks.Callback):
+    """Backups of the weights and optimizer state that an interrupted run resumes from, batch-exact.
+
+    Writes `<folder>/latest.weights.h5` (atomically) every `every` steps and
+    after each epoch's end-of-epoch work (so it goes last among the
+    callbacks), never with a NaN loss. Where a resumed run starts is read
+    from the optimizer's step counter inside the weights themselves
+    (`resume_position`), so it can never disagree with them; the metadata
+    file beside them says the same for people and scripts.
+
+    Args:
+        folder: the backup folder.
+        every: steps between mid-epoch backups.
+        steps: steps per epoch.
+    """
+
+    def __init__(self, folder, every, steps):
+        super().__init__()
+        self.folder, self.every, self.steps = Path(folder), every, steps
+        self.weights = self.folder / "latest.weights.h5"
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = optimizer_steps(self.model) - self.epoch * self.steps
+        if finite_loss(logs) and done % self.every == 0 and done < self.steps:  # a full epoch: at its end
+            self.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if finite_loss(logs):
+            self.save()
+
+    def save(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".tmp-{os.getpid()}.weights.h5"
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.weights)
+        epoch, done = divmod(optimizer_steps(self.model), self.steps)
+        write_json(self.folder / "training_metadata.json", {"epoch": epoch, "batches_done": done})
+
+    @staticmethod
+    def resume_position(model, folder, steps):
+        """Loads the backup in `folder` into `model` (built and compiled); returns (epoch, batches done in it)."""
+        path = Path(folder) / "latest.weights.h5"
+        try:
+            with model.distribute_strategy.scope():  # the model's variables live under its strategy
+                if not model.optimizer.built:
+                    model.optimizer.build(model.trainable_variables)
+                model.load_weights(path)
+        except Exception as err:  # h5py and Keras raise many kinds for a bad file
+            raise RunError(f"cannot read the backup {path} ({str(err).splitlines()[0][:160]}). Delete "
+                                f"{folder} to start the model again.") from None
+        return divmod(optimizer_steps(model), steps)
+
+
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Ends `fit` after epoch `last` (0-based): the partial first epoch of a resumed run."""
+
+    def __init__(self, last):
+        super().__init__()
+        self.last = last
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch >= self.last:
+            self.model.stop_training = True
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops at the first non-finite loss and remembers where, for a clear message."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not finite_loss(logs) and self.where is None:
+            self.where = (self.epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+
+class ReconstructionGrid(keras.callbacks.Callback):
+    """Draws originals, reconstructions and |error| of fixed validation images each epoch."""
+
+    def __init__(self, images, folder, prefix="vqvae_recon"):
+        super().__init__()
+        self.images, self.folder, self.prefix = images, Path(folder), prefix
+
+    def on_epoch_end(self, epoch, logs=None):
+        path = self.folder / f"{self.prefix}_epoch{epoch + 1:03d}.png"
+        ssim = (logs or {}).get("val_ssim")
+        title = f"epoch {epoch + 1}" + (f", validation SSIM {ssim:.4f}" if ssim is not None else "")
+        save_comparison(self.images, self.model.reconstruct(self.images).numpy(), path, title)
+
+
+class SampleGrid(keras.callbacks.Callback):
+    """Samples new slices with the prior each epoch (fast sampler), decodes them, draws a grid."""
+
+    def __init__(self, vqvae, grid_shape, folder, slices=None, labels=None, seed=0, n=8):
+        super().__init__()
+        self.vqvae, self.grid_shape, self.folder, self.n = vqvae, grid_shape, Path(folder), n
+        self.slices = -1 if slices is None else slices
+        self.labels = -1 if labels is None else labels
+        self.uniform = tf.random.stateless_uniform((n, *grid_shape), seed=[seed, 1])
+        self.sampler = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.sampler is None:
+            self.sampler = modules.make_fast_sampler(self.model, self.n, *self.grid_shape)
+        codes = self.sampler(self.uniform, self.slices, self.labels)
+        images = self.vqvae.decode(codes).numpy()
+        bits = (logs or {}).get("val_bits_per_code")
+        title = f"epoch {epoch + 1}" + (f", validation {bits:.3f} bits per code" if bits is not None else "")
+        titles = [f"slice {s}" for s in np.broadcast_to(self.slices, (self.n,))] if np.any(
+            np.asarray(self.slices) >= 0) else None
+        dataset.save_grid(images, self.folder / f"pixelcnn_samples_epoch{epoch + 1:03d}.png", titles=titles,
+                          suptitle=title)
