@@ -27,7 +27,7 @@ codec's smallest file is used and the row says so (the ratio is then a lower
 bound). Speed: slices per second of our encode (VQ-VAE + prior + coder) and
 decode (coder + prior + decoder).
 
-    python benchmarks/bench_codec.py [--data PATH] [--runs RUN [RUN ...] | --grids 32 64 --epochs E --prior-epochs P]
+    python -m benchmarks.bench_codec [--data PATH] [--runs RUN [RUN ...] | --grids 32 64 --epochs E --prior-epochs P]
                                      [--limit N] [--json]
 
 Writes a rate-distortion plot (`--figure`, default samples/rate_distortion.png)
@@ -44,15 +44,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import dataset  # noqa: E402
-import metrics  # noqa: E402
-import predict  # noqa: E402
-import runs  # noqa: E402
-import train  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import config
+import dataset
+import metrics
+import predict
+import runs
+import train
+import numpy as np
+import tensorflow as tf
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alzheimer-mri-slices"
 # Quality settings per codec, from the lowest rate up (Pillow's own scales).
@@ -105,28 +105,42 @@ def originals_of(split):
     return images
 
 
-def ensure_run(folder, data, downsample, epochs, prior_epochs, log=print):
-    """A run folder with a VQ-VAE (256 px, train.py's defaults for its grid; `epochs` in whole images) and prior.
+# The preset train.py trains each code grid of a 256 px canvas with.
+GRID_PRESETS = {32: "oasis-256-32", 64: "oasis-256"}
 
-    Reused when already there (the cache key holds the recipe), resumed when interrupted.
+
+def run_config(grid, data, epochs, prior_epochs):
+    """The `config.Config` a run of `grid` is trained with here: train.py's preset for that grid.
+
+    `epochs` count whole images: on crops, (256 / crop)^2 times as many epochs of crops, about the same
+    compute. The phantoms (no `data`) train on whole images at a constant rate, as train.py's demo does.
+    """
+    cfg = config.preset(GRID_PRESETS[grid])
+    if data is None:
+        cfg = config.replace(cfg, "vqvae_train", crop=0, schedule="constant")
+    crop = cfg.vqvae_train.crop
+    cfg = config.replace(cfg, "data", data=data)
+    cfg = config.replace(cfg, "vqvae_train", epochs=epochs * (256 // crop) ** 2 if crop else epochs)
+    cfg = config.replace(cfg, "prior_train", epochs=prior_epochs)
+    return config.validate(config.replace(cfg, "data", split_seed=cfg.vqvae_train.seed))
+
+
+def ensure_run(folder, cfg, log=print):
+    """A run folder with a VQ-VAE and prior trained as `cfg` says, through train.py's own functions.
+
+    Reused when already there (the cache key holds the config), resumed when interrupted.
     """
     run = runs.Run(folder)
-    common = ["--run", str(folder), "--verbose", "2"]
+    options = train.default_options()
+    options.run, options.verbose = str(folder), 2
     if not run.has("vqvae"):
-        crop = train.default_crop("phantoms" if data is None else "folder", 256, downsample)
-        cropped = train.crop_epochs(epochs, 256, crop)
-        log(f"training the VQ-VAE of {folder} ({epochs} epochs, downsample {downsample}"
-            + (f"; {cropped} epochs of {crop} px crops)" if crop else ")"))
-        args = ["--model", "vqvae", "--downsample", str(downsample), "--image-size", "256", "--crop", str(crop),
-                "--epochs", str(cropped), *common]
-        if data is not None:
-            args += ["--data", str(data)]
-        if train.main(args) != 0:
-            raise SystemExit(f"error: training the VQ-VAE of {folder} failed")
+        t = cfg.vqvae_train
+        log(f"training the VQ-VAE of {folder} (preset {cfg.preset}, {t.epochs} epochs"
+            + (f" of {t.crop} px crops)" if t.crop else ")"))
+        train.train_vqvae(cfg, options, log=log)
     if not run.has("pixelcnn"):
-        log(f"training the prior of {folder} ({prior_epochs} epochs)")
-        if train.main(["--model", "pixelcnn", "--epochs", str(prior_epochs), *common]) != 0:
-            raise SystemExit(f"error: training the prior of {folder} failed")
+        log(f"training the prior of {folder} ({cfg.prior_train.epochs} epochs)")
+        train.train_pixelcnn(folder, flags={"epochs": cfg.prior_train.epochs}, options=options, log=log)
     return run
 
 
@@ -178,15 +192,13 @@ def measure_ours(run, split, log=print):
 
 def grid_of(run):
     """The code grid of a run's VQ-VAE, "32x32" (its image size over its downsampling)."""
-    config = run.config("vqvae")
-    side = config["image_size"] // config["vqvae"]["downsample"]
+    side = run.settings("vqvae").grid
     return f"{side}x{side}"
 
 
 def data_of(run):
     """The data a run was trained on: its folder, or "phantoms"."""
-    config = run.config("vqvae")
-    return "phantoms" if config.get("source") == "phantoms" else config["data"]
+    return "phantoms" if run.config("vqvae").get("source") == "phantoms" else run.settings("vqvae").data.data
 
 
 def suffix(grid):
@@ -267,16 +279,16 @@ def main(argv=None):
                       "grid; pass one run per operating point", file=sys.stderr)
                 return 2
     else:
-        kind = "phantoms" if data is None else "folder"
-        recipes = [train.vqvae_options(train.parse_args(["--downsample", str(d)]), 256, kind) for d in (8, 4)]
-        crops = [train.default_crop(kind, 256, d) for d in (8, 4)]  # runs trained on whole images are not reused
-        schedules = [train.resolve_schedule("auto", "vqvae", c) for c in crops]  # nor runs at an older rate
-        key = hashlib.sha1(json.dumps([data and str(Path(data).resolve()), args.epochs, args.prior_epochs,
-                                       recipes, crops, schedules]).encode()).hexdigest()[:12]
-        cache = Path(args.cache or dataset.default_cache_dir())
         grids = sorted(set(args.grids or (32, 64)))
+        configs = [run_config(g, data and str(Path(data).resolve()), args.epochs, args.prior_epochs) for g in grids]
+        key = hashlib.sha1(json.dumps([config.to_record(c) for c in configs]).encode()).hexdigest()[:12]
+        cache = Path(args.cache or dataset.default_cache_dir())
         folders = [cache / "codec_runs" / key / f"grid{g}" for g in grids]
-        trained = [ensure_run(f, data, 256 // g, args.epochs, args.prior_epochs) for f, g in zip(folders, grids)]
+        try:
+            trained = [ensure_run(f, c) for f, c in zip(folders, configs)]
+        except (dataset.DataError, runs.RunError, config.ConfigError, train.TrainingError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     # Every operating point on the same slices, checked before anything is measured.
     splits = [runs.limit_split(run.source().splits["test"], args.limit, 0) for run in trained]
     for folder, split in zip(folders[1:], splits[1:]):

@@ -19,7 +19,7 @@ kept open with their gzip seek points) and against reading every volume
 into memory.
 
 Usage:
-    python benchmarks/bench_data.py [--sizes 1000 10000] [--volumes 4 32] [--json]
+    python -m benchmarks.bench_data [--sizes 1000 10000] [--volumes 4 32] [--json]
 """
 
 import argparse
@@ -33,11 +33,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-# One copy of the PNG-set writer and the peak-memory reading, shared with the
-# memory test (which must not import benchmark code).
-from memory_worker import load_all_volumes, peak_rss_mb, write_png_set, write_volume_set  # noqa: E402
+# One copy of the PNG-set writer and the peak-memory reading, shared with the memory test.
+from benchmarks.memory_worker import load_all_volumes, peak_rss_mb, write_png_set, write_volume_set
 
 
 def stream_epoch(dataset, split, batch_size):
@@ -50,7 +48,6 @@ def stream_epoch(dataset, split, batch_size):
 
 
 def worker_ours(folder, batch_size=32):
-    sys.path.insert(0, str(REPO))
     import dataset
 
     baseline = peak_rss_mb()  # TensorFlow's own footprint, before any file is touched
@@ -69,7 +66,6 @@ def worker_volumes(folder, batch_size=32, reopened=False):
     """
     if reopened:
         sys.modules["indexed_gzip"] = None  # before nibabel is imported
-    sys.path.insert(0, str(REPO))
     import dataset
     import volumes
 
@@ -152,7 +148,7 @@ def worker_train(steps=6, batch_size=32):
 
 def run_worker(*args):
     """Runs one measurement in a fresh process; returns its JSON result."""
-    result = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_data", "--worker", *map(str, args)], cwd=REPO,
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{result.stderr[-2000:]}")

@@ -36,7 +36,7 @@ present, else --data, else the built-in phantoms), in this process:
      VQ-VAE's reconstructions of the held-out reference: a prior that copies
      its training set sits closer than that.
 
-    python benchmarks/bench_generation.py [--data PATH] [--samples 500] [--minutes M | --steps S] [--json]
+    python -m benchmarks.bench_generation [--data PATH] [--samples 500] [--minutes M | --steps S] [--json]
 
 Ends with one JSON object (with --json) holding each row's metrics.
 """
@@ -50,17 +50,15 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import bench_prior  # noqa: E402  (the plain PixelCNN and its codebook start, the prior training loop)
-import dataset  # noqa: E402
-import metrics  # noqa: E402
-import modules  # noqa: E402
-import runs  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from benchmarks import bench_prior  # the plain PixelCNN and its codebook start, the prior training loop
+import dataset
+import metrics
+import modules
+import runs
+import keras
+import numpy as np
+import tensorflow as tf
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alzheimer-mri-slices"
 ROWS = ("real train", "reconstructed", "gated", "plain", "per-position", "patch-shuffled")
@@ -206,9 +204,9 @@ def main(argv=None):
 
     if args.run:
         run = runs.Run(args.run)
-        vqvae, config = run.load_vqvae(), run.config("vqvae")
-        source, size, fit = run.source(), config["image_size"], config["fit"]
-        vq_info = {"run": args.run, "epochs": config["epochs"]}
+        vqvae, settings = run.load_vqvae(), run.settings("vqvae")
+        source, size, fit = run.source(), settings.data.image_size, settings.data.fit
+        vq_info = {"run": args.run, "epochs": settings.vqvae_train.epochs}
     else:
         data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
         source = dataset.load_source(data, seed=args.seed)

@@ -19,7 +19,7 @@ them), so gated / plain compares the architectures, not the starts;
 "plain-random" is the plain model from a random start, the baseline of
 "gated-random".
 
-    python benchmarks/bench_prior.py [--run runs/latest] [--minutes 5 | --steps N] [--size default|demo] [--json]
+    python -m benchmarks.bench_prior [--run runs/latest] [--minutes 5 | --steps N] [--size default|demo] [--json]
 """
 
 import argparse
@@ -30,20 +30,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import dataset  # noqa: E402
-import modules  # noqa: E402
-import runs  # noqa: E402
-import train  # noqa: E402  (its prior sizes only)
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import dataset
+import modules
+import runs
+import config  # its presets' prior sizes only
+import keras
+import numpy as np
+import tensorflow as tf
 
 
-# The prior sizes train.py uses: on real data (default) and in the phantom quick start (demo).
-SIZES = {name: {key: sizes[key] for key in ("filters", "layers", "skip_filters")}
-         for name, sizes in (("default", train.REAL), ("demo", train.DEMO))}
+# The prior sizes train.py's presets use: on real data (default) and in the phantom quick start (demo).
+SIZES = {name: {key: getattr(config.preset(preset).prior, key) for key in ("filters", "layers", "skip_filters")}
+         for name, preset in (("default", "oasis-256"), ("demo", "phantoms"))}
 
 
 class MaskedConv(keras.layers.Layer):
@@ -259,7 +258,7 @@ def main(argv=None):
     print(f"codes of {args.run} ({vq_config['source']} data): {len(codes['train'])} train / "
           f"{len(codes['validate'])} validate grids of {grid[0]}x{grid[1]}, K={k}; {args.size} size, "
           f"{budget} per prior")
-    black = codes["validate"] == background_code(vqvae, vq_config["image_size"])
+    black = codes["validate"] == background_code(vqvae, vq_config["data"]["image_size"])
     print(f"background (the code of a black patch): {black.mean():.1%} of the validation codes")
     results = {}
     for name, model in models.items():

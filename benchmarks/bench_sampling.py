@@ -31,7 +31,7 @@ boundary. `identical` is true only when no code differs on any grid, under
 teacher forcing over the whole grid and against the naive sampler's own
 codes wherever it sampled.
 
-    python benchmarks/bench_sampling.py [--run RUN] [--batch 16] [--grids 32 64]
+    python -m benchmarks.bench_sampling [--run RUN] [--batch 16] [--grids 32 64]
         [--naive-rows-32 8] [--naive-rows-64 1] [--json]
 """
 
@@ -43,13 +43,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import modules  # noqa: E402
-import runs  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import modules
+import runs
+import keras
+import numpy as np
+import tensorflow as tf
 
 def timed(fn, *args):
     start = time.perf_counter()

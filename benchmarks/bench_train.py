@@ -11,7 +11,7 @@ steps that absorb tracing and compilation.
 The input pipeline's rate is measured on its own, decoding and fitting
 256 px slices from disk (the real slices when present, else the phantoms).
 
-    python benchmarks/bench_train.py [--steps 10] [--json]
+    python -m benchmarks.bench_train [--steps 10] [--json]
 
 Settings: "1 device" is the default strategy; "2 replicas" is a
 MirroredStrategy over the CPU split into two logical devices (on this
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alzheimer-mri-slices"
 
 SETTINGS = [  # (name, replicas, xla, mixed)
@@ -43,9 +42,9 @@ SETTINGS = [  # (name, replicas, xla, mixed)
 
 def child(model_name, replicas, xla, mixed, steps, batch):
     """Times `steps` train steps of one model in one setting; prints a JSON line."""
-    import train  # noqa: E402
+    import devices
 
-    strategy = train.make_strategy("mirrored" if replicas > 1 else "one-device", cpu_replicas=replicas)
+    strategy = devices.make_strategy("mirrored" if replicas > 1 else "one-device", cpu_replicas=replicas)
     import keras
     import modules
     import numpy as np
@@ -53,7 +52,7 @@ def child(model_name, replicas, xla, mixed, steps, batch):
 
     keras.utils.set_random_seed(0)
     policy = "mixed_bfloat16" if mixed else "float32"
-    with strategy.scope(), train.dtype_policy(policy):
+    with strategy.scope(), devices.dtype_policy(policy):
         if model_name == "vqvae":
             model = modules.VQVAE(downsample=4, seed=0)
             model.build((None, 256, 256, 1))
@@ -99,9 +98,10 @@ def input_rate(data, n=1024, batch=16):
 
 
 def run_setting(model_name, replicas, xla, mixed, steps, batch):
-    cmd = [sys.executable, __file__, "--child", model_name, "--replicas", str(replicas), "--steps", str(steps),
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", "--child", model_name, "--replicas", str(replicas), "--steps", str(steps),
            "--batch", str(batch)] + ["--xla"] * xla + ["--mixed"] * mixed
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     if done.returncode != 0:
         tail = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
         return {"error": tail[0][:300]}

@@ -18,35 +18,35 @@ with the code usage over the brain's positions (perplexity, codes used) and
 the raw rate, log2 K bits per code.
 
 Our models are built with `modules.VQVAE`'s own defaults (the model as it
-was before the brain-masked loss), or with `--preset train` as `train.py`
-builds them by default (read from its parser, so the two cannot drift
-apart), then changed by `--set KEY=VALUE`. `--schedule cosine` tries a warm-up and
+was before the brain-masked loss), or with `--preset NAME` as one of
+`train.py`'s presets builds them (read from `config.PRESETS`, so the two
+cannot drift apart), then changed by `--set KEY=VALUE`. `--schedule cosine` tries a warm-up and
 cosine learning rate over the budget; `--crop N` trains on random N x N crops of
 the canvas (held-out scores stay on whole images). The data are the real OASIS-
 derived slices in ../shared/data/alzheimer-mri-slices (or --data), split by
 the project's pipeline (seed 0), 176x208 slices centred on a 256x256 canvas.
 
-    python benchmarks/bench_vqvae.py [--minutes 10] [--models ours-64 ...] [--preset train] [--set KEY=VALUE ...]
+    python -m benchmarks.bench_vqvae [--minutes 10] [--models ours-64 ...] [--preset oasis-256] [--set KEY=VALUE ...]
                                      [--crop N] [--compare] [--json]
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import dataset  # noqa: E402
-import metrics  # noqa: E402
-import modules  # noqa: E402
-import runs  # noqa: E402
-import train as train_script  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import config
+import dataset
+import metrics
+import modules
+import runs
+import keras
+import numpy as np
+import tensorflow as tf
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alzheimer-mri-slices"
 DOWNSAMPLE = {"ours-64": 4, "ours-32": 8}  # 64x64 and 32x32 code grids at 256 px
@@ -98,10 +98,11 @@ def build(name, size, options=None, lr=1e-3, seed=0):
     return model, model.reconstruct
 
 
-def learning_rate(peak, fraction, schedule, warmup=train_script.WARMUP_FRACTION):
+def learning_rate(peak, fraction, schedule, warmup=config.TrainConfig.warmup_fraction):
     """The learning rate `fraction` of the way through the budget: constant, or linear warm-up then cosine to 0.
 
-    The curve of `train.learning_rate` (the same warm-up fraction), over the wall-clock budget instead of steps.
+    The curve of `train.learning_rate` (the same warm-up fraction), over the wall-clock budget instead of steps
+    (a budget of minutes has no step count to spread a step schedule over).
     """
     if schedule == "constant":
         return peak
@@ -202,20 +203,17 @@ def train_with_budget(name, source, minutes, size=256, batch=16, probe_every=60.
             "n_test": int(len(values)), "curve": curve}
 
 
-def model_options(preset="model", settings=(), downsample=4, size=256, crop=0):
+def model_options(preset="model", settings=()):
     """One of our models' `modules.VQVAE` options: a preset changed by `KEY=VALUE` settings.
 
-    preset "model" starts from the constructor's defaults (no options),
-    "train" from what `train.py` builds by default for this downsampling,
-    image size and `crop` (0: whole images), but for the downsampling
-    itself (the model's name says it) and the seed (0 here). A VALUE is read as JSON, else as a string:
-    `loss=ssim_l1`.
+    preset "model" starts from the constructor's defaults (no options); a
+    name of `config.PRESETS` from that preset's VQ-VAE, as train.py builds
+    it, but for the downsampling (the model's name says it). A VALUE is
+    read as JSON, else as a string: `loss=ssim_l1`.
     """
     options = {}
-    if preset == "train":
-        defaults = train_script.parse_args(["--downsample", str(downsample), "--crop", str(crop)])
-        options = {key: value for key, value in train_script.vqvae_options(defaults, size).items()
-                   if key not in ("downsample", "seed")}
+    if preset != "model":
+        options = {k: v for k, v in dataclasses.asdict(config.preset(preset).vqvae).items() if k != "downsample"}
     for item in settings:
         key, _, value = item.partition("=")
         try:
@@ -233,11 +231,11 @@ def main(argv=None):
                         choices=["ours-64", "ours-32", "keras.io"], help="which models to train")
     parser.add_argument("--figure", default=None,
                         help="save held-out reconstructions of the last model here (e.g. samples/reconstruction.png)")
-    parser.add_argument("--preset", choices=["model", "train"], default="model",
-                        help="our models' starting options: modules.VQVAE's constructor defaults (model, today's "
-                             "model) or what train.py builds by default for the model's grid and --crop (train); --set "
-                             "changes them. The learning rate is --schedule's (train.py's default on crops: "
-                             "--schedule cosine)")
+    parser.add_argument("--preset", choices=["model", *config.PRESETS], default="model",
+                        help="our models' starting options: modules.VQVAE's constructor defaults (model) or the "
+                             "VQ-VAE of one of train.py's presets (oasis-256 for ours-64, oasis-256-32 for ours-32); "
+                             "--set changes them. The learning rate is --schedule's and the crop --crop's (the oasis "
+                             "presets train on 64 px crops with a cosine)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a modules.VQVAE argument for our models (repeatable); VALUE is read as JSON, else "
                              "as a string: --set loss=ssim_l1 --set normalize_codes=true --set decoder_channels=96")
@@ -270,7 +268,7 @@ def main(argv=None):
             continue
         if args.compare:
             jobs.append((name, None, "constant", 1e-3, None, f"{name}+today"))
-        options = model_options(args.preset, args.set, downsample=DOWNSAMPLE[name], crop=args.crop or 0)
+        options = model_options(args.preset, args.set)
         jobs.append((name, options, args.schedule, args.lr, args.crop,
                      f"{name}+{args.label}" if args.label else name))
     results = [train_with_budget(name, source, args.minutes, figure=args.figure if i == len(jobs) - 1 else None,

@@ -1,15 +1,16 @@
-"""Peak memory of loading a PNG or volume set, each measurement in a fresh process, for tests/test_memory.py.
+"""Peak memory of loading a PNG or volume set, each measurement in a fresh process (tests/test_memory.py and
+benchmarks/bench_data.py share it).
 
-    python tests/memory_worker.py ours FOLDER
+    python -m benchmarks.memory_worker ours FOLDER
         Streams one shuffled epoch of `dataset.make_dataset` over the PNGs in
         FOLDER (batch 32, 256 px) and prints {"images", "peak_rss_mb"} as JSON.
-    python tests/memory_worker.py seed FOLDER
+    python -m benchmarks.memory_worker seed FOLDER
         The seed report's loader, the positive control: decodes every image
         into one float32 NumPy array up front, and prints the same JSON.
-    python tests/memory_worker.py volumes FOLDER
+    python -m benchmarks.memory_worker volumes FOLDER
         Inspects the NIfTI volumes in FOLDER and streams one shuffled epoch
         of a quarter of their slices through `dataset.make_dataset`.
-    python tests/memory_worker.py volumes_held FOLDER
+    python -m benchmarks.memory_worker volumes_held FOLDER
         The positive control: every volume read into memory as float32.
 
 A fresh process per measurement makes the peak its own: VmHWM starts afresh
@@ -28,17 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_png_set(folder, n, pool=64, size=256):
     """Writes `n` OASIS-named phantom PNGs (copies of `pool` distinct slices) into `folder`."""
-    sys.path.insert(0, str(REPO))
     from PIL import Image
 
-    import dataset
+    import phantoms
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     blobs = []
     for k in range(pool):
         buf = io.BytesIO()
-        Image.fromarray(dataset.phantom_slice(k // 32 + 1, k % 32, size=size)).save(buf, format="PNG")
+        Image.fromarray(phantoms.phantom_slice(k // 32 + 1, k % 32, size=size)).save(buf, format="PNG")
         blobs.append(buf.getvalue())
     for i in range(n):
         (folder / f"case_{i // 32 + 1:05d}_slice_{i % 32}.nii.png").write_bytes(blobs[i % pool])
@@ -51,17 +51,16 @@ def write_volume_set(folder, n, shape=(192, 192, 128), pool=4, suffix=".nii"):
     Each is a stack of the 2D phantom generator's axial slices; 192x192x128
     is 18.9 MB a volume as float32.
     """
-    sys.path.insert(0, str(REPO))
     import nibabel
     import numpy as np
 
-    import dataset
+    import phantoms
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     heads = []
     for k in range(pool):
-        shown = np.stack([dataset.phantom_slice(k + 1, z, n_slices=shape[2], size=shape[0])
+        shown = np.stack([phantoms.phantom_slice(k + 1, z, n_slices=shape[2], size=shape[0])
                           for z in range(shape[2])]).astype(np.int16) * 16
         heads.append(nibabel.Nifti1Image(np.ascontiguousarray(np.transpose(shown[:, ::-1, ::-1], (2, 1, 0))),
                                          np.diag([1.0, 1.0, 1.2, 1.0])))
@@ -83,7 +82,6 @@ def peak_rss_mb():
 
 def stream_ours(folder, batch_size=32):
     """Our loader: one shuffled epoch of the streaming pipeline."""
-    sys.path.insert(0, str(REPO))
     import dataset
 
     split, _ = dataset.check_split("memory", dataset.make_split(dataset.list_images(folder)))
@@ -94,7 +92,6 @@ def stream_ours(folder, batch_size=32):
 
 def stream_volumes(folder, batch_size=32):
     """Our loader over volumes: the volumes inspected, then one shuffled epoch of a quarter of their slices."""
-    sys.path.insert(0, str(REPO))
     import dataset
     import volumes
 
@@ -125,8 +122,8 @@ def load_all_seed(folder):
 
 def measure(kind, folder, timeout=240):
     """Runs `kind` ("ours", "seed", "volumes" or "volumes_held") over `folder` in a fresh process; returns its JSON."""
-    done = subprocess.run([sys.executable, __file__, kind, str(folder)], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.memory_worker", kind, str(folder)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory worker {kind} {folder} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
