@@ -1,10 +1,14 @@
-"""Shared helpers for the tests: tiny image trees written on the fly."""
+"""Shared helpers for the tests: tiny image trees written on the fly, commands run in this process, and the
+tiny VQ-VAE and prior trained once per session that most end-to-end tests start from."""
 
+import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -55,6 +59,39 @@ def make_oasis_tree(root, subjects=(3, 1, 1), slices=4, size=(32, 32), nested=Tr
     return Path(root)
 
 
+# A VQ-VAE and a prior small enough to train in seconds on a 32 px tree.
+TINY = ["--image-size", "32", "--batch-size", "8", "--set", "channels=16", "--set", "res_channels=8",
+        "--set", "num_codes=32", "--set", "code_dim=8", "--verbose", "0"]
+PRIOR = ["--model", "pixelcnn", "--set", "filters=8", "--set", "layers=2", "--set", "skip_filters=16",
+         "--batch-size", "8", "--verbose", "0"]
+
+
+def command(script, *args):
+    """Runs `script.main(args)` as the command line would, in this process (no TensorFlow start per command);
+    returns its exit code and what it printed, as `subprocess.run` would."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = script.main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def last_json(stdout):
+    """The one-line JSON summary a command prints last."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def one_error_line(result):
+    """The single `error:` line of a command that failed as it should (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
 def run_cli(*args, env=None, cwd=None, timeout=240):
     """Runs a project script as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}
@@ -65,3 +102,26 @@ def run_cli(*args, env=None, cwd=None, timeout=240):
 @pytest.fixture
 def oasis_tree(tmp_path):
     return make_oasis_tree(tmp_path / "oasis")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """An OASIS-style tree: 4 / 2 / 2 subjects of 8 slices, 32x32."""
+    return make_oasis_tree(tmp_path_factory.mktemp("data"), subjects=(4, 2, 2), slices=8, size=(32, 32))
+
+
+@pytest.fixture(scope="session")
+def run_with_prior(tiny_data, tmp_path_factory):
+    """A run folder with a one-epoch tiny VQ-VAE and prior, trained once per session. Tests copy it to change it.
+
+    Whole-image MSE: after one epoch its reconstructions are nearly flat, which the memorisation test's
+    like-for-like check relies on (the brain loss's one-epoch reconstructions are noise, ordered by chance).
+    """
+    import train
+
+    run = tmp_path_factory.mktemp("runs") / "run"
+    done = command(train, "--data", tiny_data, "--run", run, "--epochs", "1", "--set", "loss=mse", *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = command(train, *PRIOR, "--run", run, "--epochs", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run

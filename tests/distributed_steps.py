@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
 import modules  # noqa: E402
-import train  # noqa: E402
+import devices  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -71,7 +71,7 @@ def largest_differences(a, b):
 
 
 def mirrored(out):
-    train.split_cpu(2)
+    devices.split_cpu(2)
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 1, (BATCH * STEPS, SIZE, SIZE, 1)).astype(np.float32))
@@ -79,7 +79,7 @@ def mirrored(out):
     slices = rng.integers(-1, 4, (BATCH * STEPS,)).astype(np.int32)
     image_ds = tf.data.Dataset.from_tensor_slices(images).batch(BATCH)
     code_ds = tf.data.Dataset.from_tensor_slices(({"codes": codes, "slice": slices}, codes)).batch(BATCH)
-    strategy = train.make_strategy("mirrored")
+    strategy = devices.make_strategy("mirrored")
     report = {"replicas": strategy.num_replicas_in_sync}
     for name, build, data, sample in (("vqvae", tiny_vqvae, image_ds, images[:1]),
                                       ("prior", tiny_prior, code_ds, {"codes": codes[:1], "slice": slices[:1]})):
@@ -113,15 +113,15 @@ def weights_of(model, prefix):
 
 
 def worker(data, out):
-    strategy = train.make_strategy("multi-worker")
+    strategy = devices.make_strategy("multi-worker")
     keras.utils.set_random_seed(0)
     source = dataset.load_source(data, seed=0)
     split = source.splits["train"]
-    train_ds = train.distribute(strategy, lambda batch, context: worker_pipeline(split, batch, context), BATCH)
+    train_ds = devices.distribute(strategy, lambda batch, context: worker_pipeline(split, batch, context), BATCH)
     model = worker_model(strategy)
     initial = weights_of(model, "i")
     model.fit(train_ds, epochs=1, steps_per_epoch=STEPS, verbose=0)
-    _, task_id, chief = train.task_of(strategy)
+    _, task_id, chief = devices.task_of(strategy)
     np.savez(out, chief=chief, replicas=strategy.num_replicas_in_sync, **initial, **weights_of(model, "w"))
 
 

@@ -1,18 +1,16 @@
 """The reconstruction benchmark's contract: its JSON keys, the brain code usage, its presets and the schedule."""
 
-import sys
+import dataclasses
 
 import numpy as np
 import pytest
 
+import config
 import dataset
 import metrics
 import modules
-import train
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import bench_vqvae  # noqa: E402
+import phantoms
+from benchmarks import bench_vqvae
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -24,7 +22,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_a_short_run_reports_every_key_the_issue_names(tmp_path):
-    root = dataset.ensure_phantoms(tmp_path, subjects=(4, 1, 1), n_slices=16, size=64, verbose=False)
+    root = phantoms.ensure_phantoms(tmp_path, subjects=(4, 1, 1), n_slices=16, size=64, verbose=False)
     source = dataset.load_source(root)
     result = bench_vqvae.train_with_budget("ours-32", source, minutes=0.02, size=64, probe_every=0.5,
                                            log=lambda _: None, seed=3,
@@ -39,50 +37,23 @@ def test_a_short_run_reports_every_key_the_issue_names(tmp_path):
     assert result["seed"] == 3
 
 
-def test_the_train_preset_is_what_train_py_builds_and_set_changes_it():
-    # train.py's --loss auto: the brain recipe on a 32x32 code grid (256 px, downsample 8), the plain one at 64x64.
-    coarse = bench_vqvae.model_options("train", downsample=8)
+def test_a_preset_is_the_vqvae_train_py_builds_and_set_changes_it():
+    # The brain recipe on a 32x32 code grid (oasis-256-32), the plain one at 64x64 (oasis-256).
+    coarse = bench_vqvae.model_options("oasis-256-32")
     assert (coarse["loss"], coarse["normalize_codes"], coarse["gradient"]) == ("ssim_l1", True, "rotation")
-    fine = bench_vqvae.model_options("train", downsample=4)
+    assert (coarse["decoder_channels"], coarse["decoder_res_blocks"]) == (96, 3)
+    fine = bench_vqvae.model_options("oasis-256")
     assert (fine["loss"], fine["normalize_codes"], fine["gradient"]) == ("mse", False, "straight_through")
-    defaults = train.parse_args([])
-    assert coarse["background_weight"] == defaults.background_weight and coarse["num_codes"] == defaults.codes
+    assert fine == {k: v for k, v in dataclasses.asdict(config.preset("oasis-256").vqvae).items() if k != "downsample"}
     assert "downsample" not in coarse and "seed" not in coarse
     assert bench_vqvae.model_options("model") == {}
-    changed = bench_vqvae.model_options("train", ["loss=mse", "decoder_channels=96", "normalize_codes=false"], 8)
-    assert changed["loss"] == "mse" and changed["decoder_channels"] == 96 and changed["normalize_codes"] is False
+    changed = bench_vqvae.model_options("oasis-256-32", ["loss=mse", "decoder_channels=64", "normalize_codes=false"])
+    assert changed["loss"] == "mse" and changed["decoder_channels"] == 64 and changed["normalize_codes"] is False
     modules.VQVAE(**changed)  # every key is a constructor argument
 
 
-def test_train_py_resolves_loss_auto_by_the_code_grid_and_explicit_flags_win():
-    options = lambda *argv, size=256: train.vqvae_options(train.parse_args(list(argv)), size)  # noqa: E731
-    assert options("--downsample", "8")["loss"] == "ssim_l1" and options()["loss"] == "mse"
-    assert options(size=128)["loss"] == "ssim_l1"  # the phantom demo: 128 px, downsample 4, a 32x32 grid
-    brain = options("--loss", "ssim_l1")
-    assert brain["normalize_codes"] is True and brain["gradient"] == "rotation"
-    assert options("--downsample", "8", "--loss", "mse")["loss"] == "mse"
-    assert options("--downsample", "8", "--no-normalize-codes")["normalize_codes"] is False
-    assert options("--gradient", "rotation")["gradient"] == "rotation" and options()["normalize_codes"] is False
-
-
-def test_train_py_widens_the_decoder_on_crops_at_coarse_grids_only():
-    def decoder(*argv, size=256, kind="folder"):
-        options = train.vqvae_options(train.parse_args(list(argv)), size, kind)
-        return options["decoder_channels"], options["decoder_res_blocks"]
-
-    assert decoder("--downsample", "8") == (96, 3)  # real data at 32x32: 64 px crops by default (README)
-    assert decoder("--downsample", "8", "--channels", "32", "--res-blocks", "1") == (48, 2)
-    assert decoder() == (None, None)  # 64x64: the encoder's, as measured
-    assert decoder("--downsample", "8", "--crop", "0") == (None, None)  # whole images: as measured
-    assert decoder(size=128, kind="phantoms") == (None, None)  # the demo keeps whole images and its decoder
-    assert decoder("--downsample", "8", "--decoder-channels", "40", "--decoder-res-blocks", "0") == (40, 0)
-    # The benchmark's preset follows, for the benchmark's own crop.
-    assert bench_vqvae.model_options("train", downsample=8, crop=64)["decoder_channels"] == 96
-    assert bench_vqvae.model_options("train", downsample=8)["decoder_channels"] is None
-
-
 def test_brain_code_counts_come_from_the_codes_of_grid_cells_touching_the_brain(tmp_path):
-    root = dataset.ensure_phantoms(tmp_path, subjects=(1, 1, 2), n_slices=8, size=64, verbose=False)
+    root = phantoms.ensure_phantoms(tmp_path, subjects=(1, 1, 2), n_slices=8, size=64, verbose=False)
     held_out = dataset.make_dataset(dataset.load_source(root).splits["test"], image_size=64, batch_size=5)
     model = modules.VQVAE(downsample=8, num_codes=16, code_dim=4, seed=0)
     model.build((None, 64, 64, 1))

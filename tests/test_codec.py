@@ -1,17 +1,14 @@
 """The .bvq codec: exact round trips of code grids, and one-line errors for every file it must refuse."""
 
-import contextlib
-import io
 import shutil
 import struct
-from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import brain_like, write_image
+from conftest import PRIOR, TINY, brain_like, command, last_json, one_error_line, write_image
 
 import codec
 import dataset
@@ -19,18 +16,6 @@ import modules
 import predict
 import runs
 import train
-from test_runs import PRIOR, TINY, last_json, one_error_line, run_with_prior, tiny_data  # noqa: F401 (fixtures)
-
-
-def command(script, *args):
-    """Runs `script.main(args)` as the command line would, capturing what it prints (module fixtures too)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = script.main([str(a) for a in args])
-        except SystemExit as exit_:  # argparse's own errors
-            code = exit_.code
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def tiny_prior(num_codes=16, grid=(6, 6), seed=0):
@@ -102,7 +87,7 @@ def test_content_box_is_where_fit_image_puts_the_image():
 
 
 @pytest.fixture(scope="module")
-def compressed(run_with_prior, tiny_data, tmp_path_factory):  # noqa: F811 (fixtures)
+def compressed(run_with_prior, tiny_data, tmp_path_factory):
     """The run's test slices plus two of other shapes (one padded onto the 32 px canvas, one shrunk to fit)."""
     folder = tmp_path_factory.mktemp("to_compress") / "slices"
     shutil.copytree(next(tiny_data.rglob("keras_png_slices_test")), folder)
@@ -115,7 +100,7 @@ def compressed(run_with_prior, tiny_data, tmp_path_factory):  # noqa: F811 (fixt
 
 
 def test_compress_then_decompress_gives_the_encoders_grids_and_the_originals_names_and_sizes(
-        compressed, run_with_prior, tmp_path):  # noqa: F811 (fixtures)
+        compressed, run_with_prior, tmp_path):
     folder, bvq, summary = compressed
     originals = dataset.list_images(folder)
     for key in ("n_slices", "bytes", "bits_per_pixel", "bits_per_code", "seconds"):
@@ -128,8 +113,8 @@ def test_compress_then_decompress_gives_the_encoders_grids_and_the_originals_nam
     assert ideal - 1 <= payload_bits <= 1.02 * ideal + 32 * chunks
 
     run = runs.Run(run_with_prior)
-    vqvae, config = run.load_vqvae(), run.config("vqvae")
-    expected = runs.encode_split(vqvae, dataset.make_split(originals), config["image_size"], config["fit"])
+    vqvae, data = run.load_vqvae(), run.settings("vqvae").data
+    expected = runs.encode_split(vqvae, dataset.make_split(originals), data.image_size, data.fit)
     header, payload = codec.read(bvq)
     grids = codec.decode_grids(run.load_prior(), payload, header["chunk_words"], len(originals), header["grid"],
                                header["slices"], header["labels"], chunk=header["chunk"])
@@ -212,13 +197,8 @@ def test_compress_refuses_bad_input_in_one_line(run_with_prior, tmp_path):  # no
 
 
 def test_bench_codec_reports_the_issues_keys_and_interpolates_on_each_curve(
-        run_with_prior, tiny_data, tmp_path):  # noqa: F811 (fixtures)
-    import sys
-
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_codec
+        run_with_prior, tiny_data, tmp_path):
+    from benchmarks import bench_codec
 
     curve = [(0.1, 0.5), (0.2, 0.7), (0.4, 0.9)]
     assert bench_codec.at_quality(curve, 0.8) == (pytest.approx(0.3), "interpolated")
@@ -231,8 +211,7 @@ def test_bench_codec_reports_the_issues_keys_and_interpolates_on_each_curve(
 
     # A second operating point: the same data on a coarser grid (4x4 at 32 px against the fixture's 8x8).
     coarse = tmp_path / "coarse"
-    assert command(train, "--data", tiny_data, "--run", coarse, "--epochs", "1", "--loss", "mse", "--downsample",
-                   "8", *TINY).returncode == 0
+    assert command(train, "--data", tiny_data, "--run", coarse, "--epochs", "1", "--set", "loss=mse", "--set", "downsample=8", *TINY).returncode == 0
     assert command(train, *PRIOR, "--run", coarse, "--epochs", "1").returncode == 0
     figure = tmp_path / "rd.png"
     done = command(bench_codec, "--runs", run_with_prior, coarse, "--limit", "6", "--figure", figure, "--json")
@@ -257,21 +236,15 @@ def test_bench_codec_reports_the_issues_keys_and_interpolates_on_each_curve(
 
 
 def test_bench_codec_refuses_runs_on_different_test_splits_before_measuring_any(
-        run_with_prior, tiny_data, tmp_path):  # noqa: F811 (fixtures)
-    import sys
-
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_codec
+        run_with_prior, tiny_data, tmp_path):
+    from benchmarks import bench_codec
 
     # The same data less one test slice, on a coarser grid (so the grids differ and only the splits clash).
     other = tmp_path / "other_data"
     shutil.copytree(tiny_data, other)
     Path(dataset.list_images(next(other.rglob("keras_png_slices_test")))[0]).unlink()
     coarse = tmp_path / "coarse"
-    assert command(train, "--data", other, "--run", coarse, "--epochs", "1", "--loss", "mse", "--downsample",
-                   "8", *TINY).returncode == 0
+    assert command(train, "--data", other, "--run", coarse, "--epochs", "1", "--set", "loss=mse", "--set", "downsample=8", *TINY).returncode == 0
     assert command(train, *PRIOR, "--run", coarse, "--epochs", "1").returncode == 0
     figure = tmp_path / "rd.png"
     done = command(bench_codec, "--runs", run_with_prior, coarse, "--figure", figure, "--json")

@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 import modules
-import train
+import devices
 from conftest import run_cli
 
 HERE = Path(__file__).resolve().parent
@@ -103,7 +103,7 @@ def test_two_workers_on_loopback_end_with_the_weights_of_a_single_device(tmp_pat
 
 def test_mixed_precision_step_keeps_the_quantizer_in_float32():
     images = tf.random.stateless_uniform((4, 32, 32, 1), seed=[0, 1])
-    with train.dtype_policy("mixed_bfloat16"):
+    with devices.dtype_policy("mixed_bfloat16"):
         keras.utils.set_random_seed(0)
         model = modules.VQVAE(downsample=4, channels=8, res_blocks=1, res_channels=8, num_codes=16, code_dim=4, seed=0)
         model.build((None, 32, 32, 1))
@@ -121,7 +121,7 @@ def test_mixed_precision_step_keeps_the_quantizer_in_float32():
     assert all(np.isfinite(float(v)) for v in logs.values())
     assert float(model.quantizer.updates) == 1.0
 
-    with train.dtype_policy("mixed_bfloat16"):
+    with devices.dtype_policy("mixed_bfloat16"):
         prior = modules.GatedPixelCNN(num_codes=16, filters=8, layers=2, skip_filters=8, grid_size=(8, 8))
         prior.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -151,11 +151,11 @@ def test_train_cli_mirrored_over_two_cpu_devices(tmp_path, oasis_tree):
 
 def test_strategy_errors_are_one_line_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(train.TrainingError, match="needs the TF_CONFIG variable"):
-        train.make_strategy("multi-worker")
+    with pytest.raises(devices.DeviceError, match="needs the TF_CONFIG variable"):
+        devices.make_strategy("multi-worker")
     monkeypatch.setenv("TF_CONFIG", "{not json")
-    with pytest.raises(train.TrainingError, match="TF_CONFIG is not valid JSON"):
-        train.cluster_workers()
+    with pytest.raises(devices.DeviceError, match="TF_CONFIG is not valid JSON"):
+        devices.cluster_workers()
 
 
 def test_a_killed_mirrored_run_resumes_from_its_backup(tmp_path, oasis_tree):
@@ -163,8 +163,8 @@ def test_a_killed_mirrored_run_resumes_from_its_backup(tmp_path, oasis_tree):
 
     run = tmp_path / "run"
     args = ["train.py", "--model", "vqvae", "--data", str(oasis_tree), "--run", str(run), "--epochs", "6",
-            "--image-size", "32", "--batch-size", "4", "--channels", "16", "--res-channels", "8", "--codes", "32",
-            "--code-dim", "8", "--backup-every", "1", "--strategy", "mirrored", "--cpu-replicas", "2",
+            "--image-size", "32", "--batch-size", "4", "--set", "channels=16", "--set", "res_channels=8",
+            "--set", "num_codes=32", "--set", "code_dim=8", "--backup-every", "1", "--strategy", "mirrored", "--cpu-replicas", "2",
             "--verbose", "2", "--json"]
     first = kill_after_epoch([sys.executable, *args], run / "vqvae_backup" / "training_metadata.json", 2)
     assert 2 <= first < 6, "the run finished before it could be interrupted"

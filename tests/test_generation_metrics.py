@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 import dataset
+import phantoms
 import metrics
 from conftest import REAL_DATA
 
@@ -92,7 +93,7 @@ def test_ms_ssim_equals_tf_image_ssim_multiscale(shape, scales):
 
 
 def test_msssim_diversity_is_near_one_for_a_collapsed_set_and_uses_distinct_pairs():
-    images = np.stack([dataset.phantom_slice(s, 14, size=SIZE) for s in range(12)])[..., None] / 255.0
+    images = np.stack([phantoms.phantom_slice(s, 14, size=SIZE) for s in range(12)])[..., None] / 255.0
     varied, pairs = metrics.msssim_diversity(images)
     assert pairs == 66  # every pair of 12 images, each once
     collapsed, _ = metrics.msssim_diversity(noise(np.repeat(images[:1], 12, axis=0), 0.005))
@@ -129,7 +130,7 @@ def test_msssim_diversity_traces_once_for_repeated_sets_of_one_size(monkeypatch)
 
 def test_the_evaluation_network_is_cached_by_the_digest_of_the_training_files(tmp_path, monkeypatch):
     for i in range(8):
-        Image.fromarray(dataset.phantom_slice(i, 12, size=64)).save(tmp_path / f"slice_{i}.png")
+        Image.fromarray(phantoms.phantom_slice(i, 12, size=64)).save(tmp_path / f"slice_{i}.png")
     split = dataset.make_split(dataset.list_images(tmp_path))
     trained = []
     real_train = metrics.train_evaluation_network
@@ -140,7 +141,7 @@ def test_the_evaluation_network_is_cached_by_the_digest_of_the_training_files(tm
     assert len(trained) == 1
     for a, b in zip(first.get_weights(), again.get_weights()):
         np.testing.assert_array_equal(a, b)
-    Image.fromarray(dataset.phantom_slice(99, 12, size=64)).save(tmp_path / "slice_0.png")  # a changed file
+    Image.fromarray(phantoms.phantom_slice(99, 12, size=64)).save(tmp_path / "slice_0.png")  # a changed file
     metrics.load_evaluation_network(split, 64, "pad", tmp_path / "cache", steps=2, log=lambda *_: None)
     assert len(trained) == 2
     # A damaged cache file is retrained, not trusted.
@@ -168,7 +169,7 @@ def test_features_trace_the_evaluation_network_once_per_network(monkeypatch):
 def phantom_sets():
     """Evaluation-network training slices, and two disjoint sets of one population (96 each), at 128 px."""
     def slices(subjects, positions):
-        return np.stack([dataset.phantom_slice(s, z, size=SIZE) for s in subjects for z in positions]
+        return np.stack([phantoms.phantom_slice(s, z, size=SIZE) for s in subjects for z in positions]
                         )[..., None].astype(np.float32) / 255.0
 
     train = slices(range(100, 140), range(4, 28, 3))
@@ -287,9 +288,9 @@ def test_sample_quality_refuses_samples_of_a_diverged_model():
 def test_a_texture_feature_constant_over_the_reference_does_not_dominate():
     # A reference of one slice repeated: every feature is constant over it, and another slice's features
     # must not be scaled by 1 / (0 + epsilon).
-    references = np.repeat(dataset.phantom_slice(3, 14, size=64)[None, ..., None] / 255.0, 10, axis=0)
+    references = np.repeat(phantoms.phantom_slice(3, 14, size=64)[None, ..., None] / 255.0, 10, axis=0)
     texture = metrics.TextureFeatures().fit(references.astype(np.float32))
-    other = (dataset.phantom_slice(7, 20, size=64)[None, ..., None] / 255.0).astype(np.float32)
+    other = (phantoms.phantom_slice(7, 20, size=64)[None, ..., None] / 255.0).astype(np.float32)
     assert np.abs(texture(other)).max() < 1e4
 
 
@@ -297,7 +298,7 @@ def test_every_set_is_scored_as_8_bit_images_so_a_real_set_scores_the_floor_exac
     # Resized real slices hold fractions of 1/255; generated slices are saved as 8-bit PNGs. Scored as given,
     # the "real train" row of the benchmark differed from the floor it should equal.
     def fractional(subjects):
-        return np.stack([dataset.phantom_slice(s, 14, size=64) for s in subjects])[..., None] / 255.0 \
+        return np.stack([phantoms.phantom_slice(s, 14, size=64) for s in subjects])[..., None] / 255.0 \
             + np.random.default_rng(len(subjects)).uniform(-0.4, 0.4, (len(subjects), 64, 64, 1)) / 255.0
 
     train, reference = fractional(range(8)), fractional(range(20, 28))

@@ -2,7 +2,7 @@
 
 import pytest
 
-import memory_worker
+from benchmarks import memory_worker
 
 
 def test_streaming_memory_is_flat_in_the_number_of_files(tmp_path):

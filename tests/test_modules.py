@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import dataset
+import phantoms
 import metrics
 import modules
 
@@ -310,7 +311,7 @@ def test_quantizer_config_round_trips():
 
 
 def tiny_phantoms(tmp_path, size=32):
-    root = dataset.ensure_phantoms(tmp_path, subjects=(4, 1, 1), n_slices=16, size=size, verbose=False)
+    root = phantoms.ensure_phantoms(tmp_path, subjects=(4, 1, 1), n_slices=16, size=size, verbose=False)
     return dataset.load_source(root)
 
 

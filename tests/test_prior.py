@@ -195,10 +195,7 @@ def test_init_from_codebook_rejects_a_wrong_codebook_or_an_unbuilt_prior():
 
 
 def test_the_benchmarks_banded_plain_sampler_draws_what_the_naive_sampler_draws():
-    import sys
-    from conftest import REPO
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_prior
+    from benchmarks import bench_prior
 
     keras.utils.set_random_seed(3)
     height, width = 11, 6

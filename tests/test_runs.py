@@ -14,56 +14,17 @@ import json
 import shutil
 import sys
 import zipfile
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
 
+import config
 import predict
 import runs
 import train
-from conftest import REPO, brain_like, make_oasis_tree, run_cli, write_image
+from conftest import PRIOR, REPO, TINY, brain_like, command, last_json, make_oasis_tree, one_error_line, run_cli, write_image
 
-TINY = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8", "--codes", "32",
-        "--code-dim", "8", "--verbose", "0"]
-PRIOR = ["--model", "pixelcnn", "--filters", "8", "--layers", "2", "--skip-filters", "16", "--batch-size", "8",
-         "--verbose", "0"]
-
-
-CAPTURE = {}
-
-
-@pytest.fixture(autouse=True)
-def capture_commands(capsys):
-    CAPTURE["sys"] = capsys
-    yield
-    CAPTURE.clear()
-
-
-def command(script, *args):
-    """Runs `script.main(args)` as the command line would; returns its exit code and what it printed."""
-    capsys = CAPTURE.get("sys")
-    if capsys is not None:
-        capsys.readouterr()
-    try:
-        code = script.main([str(a) for a in args])
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    out, err = capsys.readouterr() if capsys is not None else ("", "")
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-
-def last_json(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def one_error_line(result):
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    return errors[0]
 
 
 def checkpoint_state(path):
@@ -77,27 +38,12 @@ def checkpoint_state(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return make_oasis_tree(tmp_path_factory.mktemp("data"), subjects=(4, 2, 2), slices=8, size=(32, 32))
-
-
-@pytest.fixture(scope="module")
 def flat_folder(tmp_path_factory):
     """A generic folder without subject ids: split by file, with a seed."""
     root = tmp_path_factory.mktemp("flat")
     for i in range(60):
         write_image(root / f"img_{i:03d}.png", brain_like((32, 32), seed=i))
     return root
-
-
-@pytest.fixture(scope="module")
-def run_with_prior(tiny_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "run"
-    # Whole-image MSE: after one epoch its reconstructions are nearly flat, which the memorisation test's
-    # like-for-like check relies on (the brain loss's one-epoch reconstructions are noise, ordered by chance).
-    assert command(train, "--data", tiny_data, "--run", run, "--epochs", "1", "--loss", "mse", *TINY).returncode == 0
-    assert command(train, *PRIOR, "--run", run, "--epochs", "1").returncode == 0
-    return run
 
 
 def test_a_retrained_vqvae_retires_its_prior(run_with_prior, tiny_data, tmp_path):
@@ -134,7 +80,7 @@ def test_the_split_seed_is_its_own_and_predict_keeps_the_runs_split(flat_folder,
         done = command(train, "--data", flat_folder, "--run", run, "--epochs", "1", "--seed", str(seed),
                        "--split-seed", "7", *TINY)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads((run / "vqvae_config.json").read_text())["split_seed"] == 7
+        assert json.loads((run / "vqvae_config.json").read_text())["data"]["split_seed"] == 7
         done = command(predict, "--run", run, "--json")
         assert done.returncode == 0, done.stderr[-3000:]
         with open(last_json(done.stdout)["csv"]) as f:
@@ -177,21 +123,22 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
                                                                      monkeypatch):
     """Same final weights, optimizer state and codebook, bit for bit (CPU).
 
-    vqvae-crops trains on random crops and is resumed without `--crop`: the
-    run's config brings the flag back, and each image's crop depends only
-    on (seed, epoch, image), so the resumed steps see the same pixels.
-    Each run resumes with the other `--schedule` flag, which its stored
-    schedule must override: a cosine (crops' default; asked of the prior)
-    continues from the optimizer's step counter.
+    vqvae-crops trains on random crops and is resumed without `--set crop`:
+    the run's config brings it back, and each image's crop depends only on
+    (seed, epoch, image), so the resumed steps see the same pixels. Each run
+    resumes with the other schedule asked for, which its stored one must
+    override: a cosine (the crops' preset; asked of the prior) continues
+    from the optimizer's step counter.
     """
-    resume_without = []
-    if model == "vqvae-crops":
-        model, resume_without = "vqvae", ["--crop", "16"]
+    crops = model == "vqvae-crops"
+    model = "pixelcnn" if model == "pixelcnn" else "vqvae"
     if model == "vqvae":
-        flags = ["--data", tiny_data, "--epochs", "2", "--backup-every", "1", "--seed", "4", *resume_without, *TINY]
+        common = ["--data", tiny_data, "--epochs", "2", "--backup-every", "1", "--seed", "4", *TINY]
     else:
-        flags = [*PRIOR, "--epochs", "2", "--backup-every", "1", "--seed", "4", "--schedule", "cosine"]
-    stored = "constant" if model == "vqvae" and not resume_without else "cosine"
+        common = [*PRIOR, "--epochs", "2", "--backup-every", "1", "--seed", "4"]
+    stored = "constant" if model == "vqvae" and not crops else "cosine"  # crops: the preset's cosine
+    flags = [*common, "--set", f"schedule={stored}", *(["--set", "crop=16"] if crops else [])]
+    section = "vqvae_train" if model == "vqvae" else "prior_train"
     folders = {}
     for name in ("whole", "killed"):
         folders[name] = tmp_path / name
@@ -201,33 +148,32 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
                 shutil.copy(run_with_prior / f, folders[name] / f)
     done = command(train, *flags, "--run", folders["whole"])
     assert done.returncode == 0, done.stderr[-3000:]
-    save = train.Backup.save
+    save = runs.Backup.save
 
     def save_then_die(self):  # 4 steps per epoch: killed after step 2 of the first epoch
         save(self)
-        if train.optimizer_steps(self.model) == 2:
+        if runs.optimizer_steps(self.model) == 2:
             raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(train.Backup, "save", save_then_die)
+        patch.setattr(runs.Backup, "save", save_then_die)
         with pytest.raises(Killed):
             command(train, *flags, "--run", folders["killed"])
     meta = json.loads((folders["killed"] / f"{model}_backup" / "training_metadata.json").read_text())
     assert meta == {"epoch": 0, "batches_done": 2}
-    assert json.loads((folders["killed"] / f"{model}_config.json").read_text())["schedule"] == stored
+    record = json.loads((folders["killed"] / f"{model}_config.json").read_text())
+    assert record["version"] == config.VERSION and record[section]["schedule"] == stored
     if stored == "cosine":  # spread over all 2 x 4 steps
         with zipfile.ZipFile(folders["whole"] / f"{model}_last.keras") as archive:
             rate = json.loads(archive.read("config.json"))["compile_config"]["optimizer"]["config"]["learning_rate"]
         assert rate["config"]["decay_steps"] + rate["config"]["warmup_steps"] == 8
-    if resume_without:
-        assert json.loads((folders["killed"] / "vqvae_config.json").read_text())["crop"] == 16
-        at = flags.index("--crop")
-        flags = flags[:at] + flags[at + 2:]
-    flags += ["--schedule", "constant" if stored == "cosine" else "cosine"]  # the run's stored schedule wins
+    if model == "vqvae":
+        assert record["vqvae_train"]["crop"] == (16 if crops else 0)
+    flags = [*common, "--set", f"schedule={'constant' if stored == 'cosine' else 'cosine'}"]  # the stored one wins
     done = command(train, *flags, "--run", folders["killed"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming epoch 1 at step 3 of 4" in done.stdout
-    assert ("trained on random 16x16 crops" in done.stdout) == bool(resume_without)
+    assert ("trained on random 16x16 crops" in done.stdout) == crops
     whole = checkpoint_state(folders["whole"] / f"{model}_last.keras")
     resumed = checkpoint_state(folders["killed"] / f"{model}_last.keras")
     assert whole.keys() == resumed.keys() and any("optimizer" in k for k in whole)
@@ -237,35 +183,60 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
 
 
-def test_real_data_trains_on_crops_by_default_and_old_runs_resume_on_whole_images(tmp_path):
-    assert train.default_crop("oasis", 256, 4) == 64  # the best measured configurations (README)
-    assert train.default_crop("folder", 256, 8) == 64
-    assert train.default_crop("phantoms", 128, 2) == 0  # the demo keeps whole images
-    assert train.default_crop("folder", 128, 2) == 32
-    assert train.default_crop("folder", 64, 4) == 0  # a 4x4 grid of codes per crop: whole images
-    assert train.default_crop("folder", 48, 2) == 0
-    run = runs.Run(tmp_path / "old")
-    run.path.mkdir()
-    old_config = {"model": "vqvae", "data": "x", "seed": 0, "image_size": 256, "batch_size": 16, "epochs": 3,
-                  "learning_rate": 1e-3, "vqvae": {"downsample": 4}}
-    runs.write_json(run.file("vqvae", "config.json"), old_config)
-    args = run.resume_args("vqvae", train.parse_args([]))
-    assert args.crop == 0  # a run from before crops is not switched to them halfway
-    assert args.schedule == "constant"  # nor to a decaying learning rate
+def test_real_data_trains_on_crops_by_default_and_the_phantom_demo_on_whole_images():
+    args = lambda *argv: train.parse_args(list(argv))  # noqa: E731
+    real = train.vqvae_config(args("--data", "somewhere"))
+    assert real.preset == "oasis-256" and real.vqvae_train.crop == 64 and real.vqvae_train.schedule == "cosine"
+    assert real.vqvae_train.epochs == 480 and real.data.image_size == 256 and real.grid == 64
+    demo = train.vqvae_config(args())
+    assert demo.preset == "phantoms" and demo.vqvae_train.crop == 0 and demo.vqvae_train.schedule == "constant"
+    assert demo.vqvae.loss == "ssim_l1" and demo.grid == 32
+    small = train.vqvae_config(args("--data", "x", "--preset", "oasis-128", "--set", "train.crop=128", "--epochs", "3"))
+    assert small.vqvae_train.crop == 0  # a crop of the whole image is the whole image
+    assert small.vqvae_train.epochs == 3 and small.prior_train.epochs == 40 and small.vqvae.decoder_channels == 96
+    assert train.vqvae_config(args("--smoke")).data.image_size == 64
+
+
+def test_an_old_run_folder_is_one_line_saying_to_retrain(tmp_path, run_with_prior):
+    old = tmp_path / "old"
+    shutil.copytree(run_with_prior, old)
+    for kind in ("vqvae", "pixelcnn"):  # as runs before the versioned config wrote them
+        record = json.loads((old / f"{kind}_config.json").read_text())
+        record.pop("version")
+        (old / f"{kind}_config.json").write_text(json.dumps(record))
+    (old / "vqvae_summary.json").unlink()  # and an interrupted VQ-VAE in it, which train.py would resume
+    (old / "vqvae_backup").mkdir()
+    (old / "vqvae_backup" / "training_metadata.json").write_text('{"epoch": 0, "batches_done": 1}')
+    for script, argv in ((train, ["--run", old, *TINY]), (predict, ["--run", old]),
+                         (predict, ["--run", old, "--generate", "2"]), (train, [*PRIOR, "--run", old])):
+        line = one_error_line(command(script, *argv))
+        assert "older version of this project" in line and "retrain" in line, line
+
+
+def test_presets_round_trip_and_set_changes_one_field_with_a_clear_error_otherwise():
+    for name in config.PRESETS:
+        cfg = config.validate(config.preset(name))
+        assert config.from_record(json.loads(json.dumps(config.to_record(cfg)))) == cfg
+    cfg = config.override(config.preset("phantoms"), ["num_codes=64", "prior.layers=4", "epochs=3",
+                                                      "decoder_channels=none", "normalize_codes=false"])
+    assert (cfg.vqvae.num_codes, cfg.prior.layers, cfg.vqvae_train.epochs) == (64, 4, 3)
+    assert cfg.vqvae.decoder_channels is None and cfg.vqvae.normalize_codes is False
+    assert config.override(cfg, ["epochs=7"], model="pixelcnn").prior_train.epochs == 7
+    for items, message in ((["bogus=1"], "unknown key"), (["num_codes=many"], "is not a"), (["num_codes"], "key=value"),
+                           (["vqvae_train.crop=30"], None), (["loss=l2"], "must be one of")):
+        with pytest.raises(config.ConfigError, match=message or "multiple of vqvae.downsample"):
+            config.validate(config.override(config.preset("oasis-256"), items))
 
 
 def test_crops_take_a_warm_up_then_cosine_learning_rate_and_whole_images_a_constant_one():
-    assert train.resolve_schedule("auto", "vqvae", 64) == "cosine"  # measured better on crops (README)
-    assert train.resolve_schedule("auto", "vqvae", 0) == "constant"
-    assert train.resolve_schedule("auto", "pixelcnn", 0) == "constant"
-    assert train.resolve_schedule("cosine", "vqvae", 0) == "cosine"  # the flag wins
-    assert train.learning_rate(1e-3, "constant", 1000) == 1e-3
-    schedule = train.learning_rate(1e-3, "cosine", 1000)  # 20 warm-up steps, then 980 of decay
+    constant, cosine = config.TrainConfig(schedule="constant"), config.TrainConfig(schedule="cosine")
+    assert train.learning_rate(constant, 1000) == 1e-3
+    schedule = train.learning_rate(cosine, 1000)  # 20 warm-up steps, then 980 of decay
     rates = np.array([float(schedule(step)) for step in range(0, 1001, 10)])
     np.testing.assert_allclose(rates[:3], [0.0, 5e-4, 1e-3], atol=1e-9)
     assert np.all(np.diff(rates[2:]) < 0) and rates[-1] < 1e-9
     np.testing.assert_allclose(float(schedule(510)), 5e-4, rtol=1e-5)  # half way through the decay
-    short = train.learning_rate(1e-3, "cosine", 10)  # too short for a warm-up step: starts at the peak
+    short = train.learning_rate(cosine, 10)  # too short for a warm-up step: starts at the peak
     assert float(short(0)) == pytest.approx(1e-3) and 0 < float(short(9)) < 1e-4
 
 

@@ -1,4 +1,8 @@
-"""train.py and predict.py as a user runs them, on tiny data: the real loop, end to end."""
+"""train.py and predict.py as a user runs them, on tiny data: the real loop, end to end.
+
+Commands run in this process through their `main`, except where a process of its own is the point: the
+first training run (so the same-seed check compares two processes), a SIGKILL, and `--help` before TensorFlow.
+"""
 
 import csv
 import json
@@ -11,21 +15,14 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-import modules  # noqa: F401  (registers the custom classes that load_model reads)
-from conftest import REPO, make_oasis_tree, run_cli
+import dataset
+import predict
+import train
+from conftest import REPO, TINY, command, last_json, run_cli
 
-TINY = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8", "--codes", "32",
-        "--code-dim", "8", "--verbose", "2"]
-
-
-def last_json(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return make_oasis_tree(tmp_path_factory.mktemp("data"), subjects=(4, 2, 2), slices=8, size=(32, 32))
+TINY = [*TINY[:-1], "2"]  # --verbose 2: a line per epoch, which the resume test reads
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +44,7 @@ def test_training_writes_the_whole_run_folder(trained_run):
     assert (run / "logs" / "vqvae").is_dir()  # TensorBoard
     assert not (run / "vqvae_backup").exists()  # removed once training finished
     config = json.loads((run / "vqvae_config.json").read_text())
-    assert config["vqvae"]["num_codes"] == 32 and config["image_size"] == 32
+    assert config["version"] == 2 and config["vqvae"]["num_codes"] == 32 and config["data"]["image_size"] == 32
     summary_line = [line for line in result.stdout.splitlines() if line.startswith("vqvae: 2 epochs")]
     assert summary_line and "validation SSIM" in summary_line[0] and "perplexity" in summary_line[0]
 
@@ -55,7 +52,7 @@ def test_training_writes_the_whole_run_folder(trained_run):
 def test_a_finished_run_is_never_overwritten(trained_run, tiny_data):
     run, _, _ = trained_run
     stamp = (run / "vqvae_best.keras").stat().st_mtime_ns
-    result = run_cli(REPO / "train.py", "--data", tiny_data, "--run", run, *TINY)
+    result = command(train, "--data", tiny_data, "--run", run, *TINY)
     assert result.returncode == 2 and "already holds a trained VQ-VAE" in result.stderr
     assert "Traceback" not in result.stderr
     assert (run / "vqvae_best.keras").stat().st_mtime_ns == stamp
@@ -64,7 +61,7 @@ def test_a_finished_run_is_never_overwritten(trained_run, tiny_data):
 def test_predict_reports_every_image_of_the_split(trained_run, tiny_data, tmp_path):
     run, _, _ = trained_run
     codes = tmp_path / "codes.npz"
-    result = run_cli(REPO / "predict.py", "--run", run, "--json", "--export-codes", codes)
+    result = command(predict, "--run", run, "--json", "--export-codes", codes)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = last_json(result.stdout)
     assert summary["n_images"] == 16 and summary["split"] == "test"
@@ -78,32 +75,32 @@ def test_predict_reports_every_image_of_the_split(trained_run, tiny_data, tmp_pa
     saved = np.load(codes)
     assert saved["codes"].shape == (16, 8, 8) and saved["codes"].max() < 32
     assert sorted(set(saved["slices"].tolist())) == list(range(8))
-    result = run_cli(REPO / "predict.py", "--run", run, "--split", "all", "--data", tiny_data, "--json")
+    result = command(predict, "--run", run, "--split", "all", "--data", tiny_data, "--json")
     assert result.returncode == 0 and last_json(result.stdout)["n_images"] == 64
 
 
 def test_unreadable_or_mismatched_checkpoints_give_one_line(tmp_path):
-    missing = run_cli(REPO / "predict.py", "--run", tmp_path / "nothing")
+    missing = command(predict, "--run", tmp_path / "nothing")
     assert missing.returncode == 2 and "no trained VQ-VAE" in missing.stderr and "Traceback" not in missing.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "vqvae_best.keras").write_bytes(b"PK\x03\x04 truncated zip")
-    result = run_cli(REPO / "predict.py", "--run", broken)
+    result = command(predict, "--run", broken)
     assert result.returncode == 2 and "corrupt or truncated" in result.stderr
     assert str(broken / "vqvae_best.keras") in result.stderr and "Traceback" not in result.stderr
     other = tmp_path / "other"
     other.mkdir()
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]).save(other / "vqvae_best.keras")
-    result = run_cli(REPO / "predict.py", "--run", other)
+    result = command(predict, "--run", other)
     assert result.returncode == 2 and "not a VQ-VAE" in result.stderr
 
 
 @pytest.mark.skipif(bool(__import__("tensorflow").config.list_physical_devices("GPU")),
                     reason="bit-exact training is promised on CPU only")
 def test_same_seed_same_training(tiny_data, tmp_path, trained_run):
-    _, first, _ = trained_run
-    result = run_cli(REPO / "train.py", "--data", tiny_data, "--run", tmp_path / "again", "--epochs", "2",
-                     "--seed", "3", "--json", *TINY)
+    _, first, _ = trained_run  # trained in a process of its own
+    result = command(train, "--data", tiny_data, "--run", tmp_path / "again", "--epochs", "2", "--seed", "3",
+                     "--json", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     again = last_json(result.stdout)
     assert again["val_ssim"] == first["val_ssim"]
@@ -112,9 +109,9 @@ def test_same_seed_same_training(tiny_data, tmp_path, trained_run):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def kill_after_epoch(command, metadata, epoch):
+def kill_after_epoch(cmd, metadata, epoch):
     """Starts a training run and SIGKILLs it once its backup records `epoch` finished epochs."""
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 180
     try:
@@ -134,13 +131,13 @@ def kill_after_epoch(command, metadata, epoch):
 def test_an_interrupted_run_resumes_from_its_backup_even_twice(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ["--data", str(tiny_data), "--run", str(run), "--epochs", "8", "--backup-every", "1", "--json", *TINY]
-    command = [sys.executable, str(REPO / "train.py"), *args]
+    cmd = [sys.executable, str(REPO / "train.py"), *args]
     metadata = run / "vqvae_backup" / "training_metadata.json"
-    first = kill_after_epoch(command, metadata, 2)
+    first = kill_after_epoch(cmd, metadata, 2)
     assert 2 <= first < 8, "the run finished before it could be interrupted"
-    second = kill_after_epoch(command, metadata, first + 2)  # the resumed run is killed too
+    second = kill_after_epoch(cmd, metadata, first + 2)  # the resumed run is killed too
     assert first + 2 <= second < 8
-    result = run_cli(REPO / "train.py", *args)
+    result = command(train, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming the interrupted run" in result.stdout
     assert f"Epoch {second + 1}/8" in result.stdout and "Epoch 1/8" not in result.stdout
@@ -152,17 +149,11 @@ def test_an_interrupted_run_resumes_from_its_backup_even_twice(tiny_data, tmp_pa
     assert not (run / "vqvae_backup").exists()
 
 
-def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
-    # Images of NaN make the very first loss NaN; run in a fresh process like a user would.
-    script = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import dataset, train\n"
-        "dataset.fit_image = lambda image, size, fit='pad': tf.fill((size, size, 1), np.nan)\n"
-        "sys.exit(train.main(sys.argv[1:]))\n"
-    )
+def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch):
+    # Images of NaN make the very first loss NaN.
+    monkeypatch.setattr(dataset, "fit_image", lambda image, size, fit="pad": tf.fill((size, size, 1), np.nan))
     run = tmp_path / "nan"
-    result = run_cli("-c", script, "--data", tiny_data, "--run", run, "--epochs", "2", *TINY)
+    result = command(train, "--data", tiny_data, "--run", run, "--epochs", "2", *TINY)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "loss became NaN at epoch 1, step 1" in errors[0] and "Lower --lr" in errors[0]
@@ -173,28 +164,39 @@ def test_nan_loss_stops_with_a_clear_message(tiny_data, tmp_path):
 
 def test_bad_flags_are_refused_in_one_line(tiny_data):
     for flags, message in ((["--batch-size", "0"], "--batch-size must be at least 1"),
-                           (["--downsample", "6"], "--downsample must be a power of two"),
+                           (["--set", "downsample=6"], "vqvae.downsample must be a power of two"),
                            (["--image-size", "8"], "--image-size must be at least 32"),
-                           (["--decay", "1"], "--decay must be in [0, 1)")):
-        result = run_cli(REPO / "train.py", "--data", tiny_data, *flags)
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+                           (["--set", "decay=1"], "vqvae.decay must be in [0, 1)"),
+                           (["--set", "codes=9"], "unknown key")):
+        result = command(train, "--data", tiny_data, *flags)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, flags
 
 
 def test_help_explains_every_flag():
-    for script, flags in (("train.py", ("--data", "--run", "--epochs", "--batch-size", "--image-size", "--limit",
-                                        "--seed", "--downsample", "--codes", "--code-dim", "--lr", "--smoke",
-                                        "--json")),
-                          ("predict.py", ("--run", "--data", "--split", "--limit", "--export-codes", "--json"))):
-        result = run_cli(REPO / script, "--help")
+    for script, flags in ((train, ("--data", "--run", "--epochs", "--batch-size", "--image-size", "--limit",
+                                   "--seed", "--preset", "--set", "--lr", "--smoke", "--json")),
+                          (predict, ("--run", "--data", "--split", "--limit", "--export-codes", "--json"))):
+        result = command(script, "--help")
         assert result.returncode == 0
         for flag in flags:
             assert flag in result.stdout, (script, flag)
+        assert "(default: None)" not in result.stdout
+
+
+def test_train_py_parses_its_flags_before_tensorflow_is_imported():
+    for argv in (["--help"], ["--set", "num_codes"]):  # help, and a flag error
+        code = ("import runpy, sys\n"
+                f"sys.argv = ['train.py', *{argv!r}]\n"
+                "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                "print('tensorflow loaded:', 'tensorflow' in sys.modules)\n")
+        result = run_cli("-c", code)
+        assert "tensorflow loaded: False" in result.stdout, (argv, result.stdout[-500:], result.stderr[-500:])
 
 
 def test_prior_trains_in_the_run_and_generates_new_slices(trained_run, tmp_path):
     run, _, _ = trained_run
-    result = run_cli(REPO / "train.py", "--model", "pixelcnn", "--run", run, "--epochs", "12", "--lr", "0.01",
-                     "--filters", "8", "--layers", "2", "--skip-filters", "16", "--batch-size", "8", "--verbose", "2",
+    result = command(train, "--model", "pixelcnn", "--run", run, "--epochs", "12", "--lr", "0.01",
+                     "--set", "filters=8", "--set", "layers=2", "--set", "skip_filters=16", "--batch-size", "8", "--verbose", "2",
                      "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = last_json(result.stdout)
@@ -210,12 +212,12 @@ def test_prior_trains_in_the_run_and_generates_new_slices(trained_run, tmp_path)
                  "pixelcnn_curves.png", "pixelcnn_samples_epoch012.png", "codes_cache.npz"):
         assert (run / name).is_file(), name
     out = tmp_path / "gen"
-    result = run_cli(REPO / "predict.py", "--run", run, "--generate", "3", "--slice", "4", "--out", out, "--json")
+    result = command(predict, "--run", run, "--generate", "3", "--slice", "4", "--out", out, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = last_json(result.stdout)
     assert summary["n_generated"] == 3 and summary["slice"] == 4 and summary["samples_per_s"] > 0
     assert 0 < summary["nearest_train_ssim_mean"] <= 1 and 0 < summary["test_nearest_train_ssim_mean"] <= 1
     assert sorted(p.name for p in out.glob("generated_*.png")) == [f"generated_{i:04d}.png" for i in range(3)]
     assert (out / "generated.png").is_file() and (out / "nearest_train.csv").is_file()
-    result = run_cli(REPO / "predict.py", "--run", run, "--generate", "2", "--slice", "40")
+    result = command(predict, "--run", run, "--generate", "2", "--slice", "40")
     assert result.returncode == 2 and "--slice must be in 0..7" in result.stderr

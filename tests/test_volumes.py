@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import dataset
+import phantoms
 import volumes
-from test_codec import command
-from test_runs import PRIOR, TINY, last_json
+from conftest import PRIOR, TINY, command, last_json
 
 import predict
 import train
@@ -26,7 +26,7 @@ def display_to_ras(shown):
 
 def phantom_volume(subject, n_slices=12, size=32, seed=0):
     """A 3D phantom (RAS+ array), stacked from the 2D phantom generator's axial slices, with its display."""
-    shown = np.stack([dataset.phantom_slice(subject, k, n_slices=n_slices, size=size, seed=seed)
+    shown = np.stack([phantoms.phantom_slice(subject, k, n_slices=n_slices, size=size, seed=seed)
                       for k in range(n_slices)]).astype(np.float32)
     return display_to_ras(shown), shown
 
@@ -358,10 +358,10 @@ def test_a_stray_analyze_half_in_a_folder_of_slices_is_not_a_volume(tmp_path):
 def test_volumes_train_reconstruct_generate_and_compress_with_only_data(tmp_path):
     root = bids_folder(tmp_path / "bids", subjects=6, n_slices=8)
     run = tmp_path / "run"
-    assert command(train, "--data", root, "--run", run, "--epochs", "1", "--loss", "mse", *TINY).returncode == 0
+    assert command(train, "--data", root, "--run", run, "--epochs", "1", "--set", "loss=mse", *TINY).returncode == 0
     # Another axis and half the slices, stored in the run: the prior and predict.py slice the same way.
     coronal = tmp_path / "coronal"
-    assert command(train, "--data", root, "--run", coronal, "--epochs", "1", "--loss", "mse", "--slice-axis",
+    assert command(train, "--data", root, "--run", coronal, "--epochs", "1", "--set", "loss=mse", "--slice-axis",
                    "coronal", "--slices", "0.5", *TINY).returncode == 0
     assert command(train, *PRIOR, "--run", coronal, "--epochs", "1").returncode == 0
     done = command(predict, "--run", coronal, "--split", "all", "--data", root, "--json")
