@@ -19,6 +19,23 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("BRAIN_MRI_REAL_DATA", REPO.parent / "shared" / "data" / "alzheimer-mri-slices"))
 
 
+@pytest.fixture(autouse=True)
+def op_determinism_off_after_each_test():
+    """Turns TensorFlow's op determinism off after each test, as a fresh process has it.
+
+    train.py and predict.py run in this process turn it on for good
+    (devices.configure), which roughly halves the speed of later training on
+    the CPU and makes Keras drop XLA; without this, a test's speed and
+    whether it compiles depended on which tests ran before it. Code that
+    needs determinism turns it on itself.
+    """
+    yield
+    from tensorflow.python.framework import config as tf_config  # the public API can only turn it on
+
+    if tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
+
+
 def brain_like(size=(32, 32), value=200, seed=0):
     """A small uint8 image: a bright disc with noise on black."""
     h, w = size

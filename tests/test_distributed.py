@@ -134,21 +134,6 @@ def test_mixed_precision_step_keeps_the_quantizer_in_float32():
     assert sampled.shape == (2, 8, 8) and int(tf.reduce_max(sampled)) < 16
 
 
-def test_train_cli_mirrored_over_two_cpu_devices(tmp_path, oasis_tree):
-    run = tmp_path / "run"
-    done = run_cli("train.py", "--model", "vqvae", "--data", oasis_tree, "--smoke", "--run", run, "--image-size", "32",
-                   "--batch-size", "4", "--strategy", "mirrored", "--cpu-replicas", "2", "--verbose", "0", "--json",
-                   timeout=280)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "MirroredStrategy, 2 replica(s) in sync" in done.stdout
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["replicas"] == 2 and 0.0 <= summary["val_ssim"] <= 1.0
-    assert (run / "vqvae_best.keras").is_file()
-    done = run_cli("train.py", "--model", "vqvae", "--data", oasis_tree, "--smoke", "--run", tmp_path / "odd",
-                   "--batch-size", "3", "--strategy", "mirrored", "--cpu-replicas", "2")
-    assert done.returncode == 2 and "does not split evenly over 2 replicas" in done.stderr
-
-
 def test_strategy_errors_are_one_line_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(devices.DeviceError, match="needs the TF_CONFIG variable"):
@@ -158,7 +143,7 @@ def test_strategy_errors_are_one_line_with_the_fix(monkeypatch, tmp_path):
         devices.cluster_workers()
 
 
-def test_a_killed_mirrored_run_resumes_from_its_backup(tmp_path, oasis_tree):
+def test_train_cli_mirrored_over_two_cpu_devices_resumes_a_killed_run(tmp_path, oasis_tree):
     from test_train_predict import kill_after_epoch, last_json
 
     run = tmp_path / "run"
@@ -170,6 +155,11 @@ def test_a_killed_mirrored_run_resumes_from_its_backup(tmp_path, oasis_tree):
     assert 2 <= first < 6, "the run finished before it could be interrupted"
     done = run_cli(*args, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming the interrupted run" in done.stdout and "2 replica(s) in sync" in done.stdout
+    assert "resuming the interrupted run" in done.stdout and "MirroredStrategy, 2 replica(s) in sync" in done.stdout
     assert f"Epoch {first + 1}/6" in done.stdout and "Epoch 1/6" not in done.stdout
-    assert last_json(done.stdout)["epochs"] == 6
+    summary = last_json(done.stdout)
+    assert summary["epochs"] == 6 and summary["replicas"] == 2 and 0.0 <= summary["val_ssim"] <= 1.0
+    assert (run / "vqvae_best.keras").is_file()
+    done = run_cli("train.py", "--model", "vqvae", "--data", oasis_tree, "--smoke", "--run", tmp_path / "odd",
+                   "--batch-size", "3", "--strategy", "mirrored", "--cpu-replicas", "2")
+    assert done.returncode == 2 and "does not split evenly over 2 replicas" in done.stderr
