@@ -368,13 +368,17 @@ def to_record(cfg):
     return {"version": VERSION, **dataclasses.asdict(cfg)}
 
 
-def from_record(record, where="the run"):
-    """The `Config` stored by `to_record`; another version is one `ConfigError` line saying to retrain."""
+def check_version(record, where="the run", retrain="retrain it in a new --run folder."):
+    """Refuses a record of another layout version: one `ConfigError` line naming `where` and saying to retrain."""
     version = record.get("version") if isinstance(record, dict) else None
     if version != VERSION:
         raise ConfigError(f"{where} was written by an older version of this project (config version "
-                          f"{version or 1}, this one reads {VERSION}); its settings cannot be read back. Retrain it "
-                          "in a new --run folder.")
+                          f"{version or 1}, this one reads {VERSION}); its settings cannot be read back: {retrain}")
+
+
+def from_record(record, where="the run"):
+    """The `Config` stored by `to_record`; another version is one `ConfigError` line saying to retrain."""
+    check_version(record, where)
     try:
         return Config(preset=record["preset"],
                       **{s: type(getattr(Config(), s))(**record[s]) for s in SECTIONS})

@@ -183,6 +183,7 @@ class Run:
     def __init__(self, path):
         self.path = Path(path)
         self._configs = {}
+        self._settings = {}
 
     def __repr__(self):
         return f"Run({str(self.path)!r})"
@@ -221,23 +222,27 @@ class Run:
                 raise RunError(f"no {KINDS[kind]} config in {self.path} (no {path.name}). Train one with "
                                f"`python train.py --model {kind}`, or pass its run folder with --run.")
             record = read_json(path, f"{KINDS[kind]} config")
-            if not isinstance(record, dict) or record.get("version") != config.VERSION:
-                raise RunError(f"the {KINDS[kind]} in {self.path} was trained by an older version of this project "
-                               f"({path.name} has no version-{config.VERSION} config); retrain it with `python "
-                               f"train.py --model {kind}` in a new --run folder.")
+            try:
+                config.check_version(record, where=f"the {KINDS[kind]} in {path}",
+                                     retrain=f"retrain it with `python train.py --model {kind}` in a new --run folder.")
+            except config.ConfigError as err:
+                raise RunError(str(err)) from None
             self._configs[kind] = record
         return self._configs[kind]
 
     def settings(self, kind):
-        """The `config.Config` that `kind` was trained with."""
-        try:
-            return config.from_record(self.config(kind), where=f"{self.file(kind, 'config.json')}")
-        except config.ConfigError as err:
-            raise RunError(str(err)) from None
+        """The `config.Config` that `kind` was trained with (read once)."""
+        if kind not in self._settings:
+            try:
+                self._settings[kind] = config.from_record(self.config(kind), where=f"{self.file(kind, 'config.json')}")
+            except config.ConfigError as err:
+                raise RunError(str(err)) from None
+        return self._settings[kind]
 
     def save_config(self, kind, record):
         write_json(self.file(kind, "config.json"), record)
         self._configs[kind] = record
+        self._settings.pop(kind, None)
 
     # -- preparing a run for training --------------------------------------
 
@@ -265,6 +270,7 @@ class Run:
             for stale in [*self.path.glob(f"{name}_*"), self.path / "logs" / name]:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
             self._configs.pop(name, None)
+            self._settings.pop(name, None)
         if kind == "vqvae":
             (self.path / "codes_cache.npz").unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)

@@ -237,10 +237,13 @@ def train_vqvae(cfg, options=None, log=print):
 
     options = options or default_options()
     start = time.perf_counter()
+    folder = options.run or new_run_dir("vqvae")
+    if runs.Run(folder).interrupted("vqvae") and not options.overwrite:  # its batch is the one to place
+        cfg = runs.Run(folder).settings("vqvae")
     t = cfg.vqvae_train
     strategy, chief, task_id, policy = devices.setup(options.strategy, options.cpu_replicas, t.batch_size,
                                                      bool(options.run), options.mixed_precision)
-    run = runs.Run(devices.worker_folder(options.run or new_run_dir("vqvae"), chief, task_id))
+    run = runs.Run(devices.worker_folder(folder, chief, task_id))
     resuming = run.prepare("vqvae", options.overwrite, log=log)
     if resuming:  # the saved config wins over the flags, data and split included
         cfg = run.settings("vqvae")

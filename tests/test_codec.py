@@ -1,5 +1,6 @@
 """The .bvq codec: exact round trips of code grids, and one-line errors for every file it must refuse."""
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -240,12 +241,16 @@ def test_bench_codec_refuses_runs_on_different_test_splits_before_measuring_any(
     from benchmarks import bench_codec
 
     # The same data less one test slice, on a coarser grid (so the grids differ and only the splits clash).
+    # The refusal comes before any model is loaded, so the run's record says so without training one.
     other = tmp_path / "other_data"
     shutil.copytree(tiny_data, other)
     Path(dataset.list_images(next(other.rglob("keras_png_slices_test")))[0]).unlink()
     coarse = tmp_path / "coarse"
-    assert command(train, "--data", other, "--run", coarse, "--epochs", "1", "--set", "loss=mse", "--set", "downsample=8", *TINY).returncode == 0
-    assert command(train, *PRIOR, "--run", coarse, "--epochs", "1").returncode == 0
+    shutil.copytree(run_with_prior, coarse)
+    record = json.loads((coarse / "vqvae_config.json").read_text())
+    record["data"]["data"], record["vqvae"]["downsample"] = str(other), 8
+    (coarse / "vqvae_config.json").write_text(json.dumps(record))
+    assert bench_codec.grid_of(runs.Run(coarse)) == "4x4"
     figure = tmp_path / "rd.png"
     done = command(bench_codec, "--runs", run_with_prior, coarse, "--figure", figure, "--json")
     line = one_error_line(done)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import config
+import devices
 import predict
 import runs
 import train
@@ -169,9 +170,14 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(model, run_w
         assert rate["config"]["decay_steps"] + rate["config"]["warmup_steps"] == 8
     if model == "vqvae":
         assert record["vqvae_train"]["crop"] == (16 if crops else 0)
-    flags = [*common, "--set", f"schedule={'constant' if stored == 'cosine' else 'cosine'}"]  # the stored one wins
+    # The stored schedule and batch win over the ones asked for; the devices are set up for the stored batch.
+    flags = [*common, "--set", f"schedule={'constant' if stored == 'cosine' else 'cosine'}", "--batch-size", "16"]
+    placed = []
+    setup = devices.setup
+    monkeypatch.setattr(devices, "setup", lambda *a, **k: placed.append(a[2]) or setup(*a, **k))
     done = command(train, *flags, "--run", folders["killed"])
     assert done.returncode == 0, done.stderr[-3000:]
+    assert placed == [8]
     assert "resuming epoch 1 at step 3 of 4" in done.stdout
     assert ("trained on random 16x16 crops" in done.stdout) == crops
     whole = checkpoint_state(folders["whole"] / f"{model}_last.keras")
