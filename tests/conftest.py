@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("BRAIN_MRI_REAL_DATA", REPO.parent / "shared" / "data" / "alzheimer-mri-slices"))
 
 
+# The test files that take longest (measured with --durations), started first so that the workers of
+# pytest-xdist finish together; any other file comes after them, in its usual order.
+LONGEST_FIRST = ("test_generation_metrics", "test_runs", "test_distributed", "test_train_predict", "test_codec",
+                 "test_volumes", "test_memory")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: a file keeps its order
+
+
 @pytest.fixture(autouse=True)
 def op_determinism_off_after_each_test():
     """Turns TensorFlow's op determinism off after each test, as a fresh process has it.
