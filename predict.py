@@ -148,6 +148,11 @@ def reconstruct_split(model, split, image_size, fit="pad", batch_size=16, export
     """
     strategy = strategy or tf.distribute.get_strategy()
     ds = dataset.make_dataset(split, image_size=image_size, batch_size=batch_size, fit=fit)
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1:
+        # A last batch smaller than the replica count would leave a replica an empty batch, which
+        # TensorFlow 2.21's convolutions reject; it is padded with blank images, dropped after the step.
+        ds = ds.map(lambda x: tf.pad(x, [[0, (-tf.shape(x)[0]) % replicas], [0, 0], [0, 0], [0, 0]]))
 
     def replica_step(images):
         codes = model.encode(images)
@@ -164,7 +169,9 @@ def reconstruct_split(model, split, image_size, fit="pad", batch_size=16, export
     picks = set(np.linspace(0, len(split) - 1, num=min(8, len(split))).round().astype(int).tolist())
     examples, seen = ([], []), 0
     for batch in strategy.experimental_distribute_dataset(ds):
-        images, codes, reconstructions, quality = (tf.nest.map_structure(np.asarray, x) for x in step(batch))
+        n = min(batch_size, len(split) - seen)  # the images of this batch, without the padding
+        images, codes, reconstructions, quality = (tf.nest.map_structure(lambda t: np.asarray(t)[:n], x)
+                                                   for x in step(batch))
         for key, value in quality.items():
             out[key].append(value)
         if export_codes:
