@@ -48,8 +48,9 @@ import weakref
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from skimage.feature import graycomatrix, graycoprops
+from skimage.filters import threshold_multiotsu
 
 import dataset
 import volumes
@@ -646,12 +647,9 @@ class TextureFeatures:
     def __init__(self):
         self.ranges = self.mean = self.std = None
 
-    def _masks(self, images):
-        return np.concatenate([brain_mask(images[i:i + 64]).numpy()[..., 0] for i in range(0, len(images), 64)])
-
     def fit(self, images):
         images = np.asarray(images, np.float32)
-        masks = self._masks(images)
+        masks = _masks(images)
         self.ranges = {}
         for name in TEXTURE_FILTERS:
             inside = np.concatenate([_filtered(im[..., 0], name)[m] for im, m in zip(images, masks)])
@@ -692,7 +690,110 @@ class TextureFeatures:
         if self.ranges is None:
             raise RuntimeError("TextureFeatures must be fitted on reference slices first: call .fit(real_images)")
         images = np.asarray(images, np.float32)
-        return (self._raw(images, self._masks(images)) - self.mean) / self.std
+        return (self._raw(images, _masks(images)) - self.mean) / self.std
+
+
+TISSUES = ("csf", "grey", "white")  # the intensity classes of a T1 brain, darkest first
+TISSUE_FEATURES = (*TISSUES, "brain_area", "symmetry")
+
+
+class TissueComposition:
+    """What a slice is made of: tissue fractions inside the brain, brain area and left-right symmetry.
+
+    Fitted once on real training slices: multi-Otsu thresholds
+    (scikit-image, three classes) of their brain pixels' intensities split
+    brain pixels into CSF, grey and white matter (a T1 slice: dark, mid,
+    bright); enclosed dark regions (ventricles, sulci) are brain, as in
+    `brain_mask`. Per slice, five numbers (`TISSUE_FEATURES`):
+
+      csf, grey, white: each class's share of the brain's pixels;
+      brain_area: the brain's share of the canvas;
+      symmetry: the share of brain pixels whose mirror pixel, across the
+        vertical line through the brain's centroid, is brain of the same
+        class (1 for a perfectly symmetric slice).
+
+    Sets are compared feature by feature (`compare`): the 1-D Wasserstein
+    distance between two sets' distributions, read against the same
+    distance between two real sets (the floor). Every set is read on the
+    fitted thresholds, so a shifted white-matter intensity shows as wrong
+    fractions, as it would to a radiologist's eye.
+
+    Example:
+    >>> tissue = TissueComposition().fit(real_train)
+    >>> tissue.compare(real_test, generated, floor=real_train)["symmetry"]
+    """
+
+    def __init__(self):
+        self.thresholds = None
+
+    def fit(self, images):
+        images = np.asarray(images, np.float32)
+        masks = _masks(images)
+        inside = images[..., 0][masks]
+        if len(np.unique(inside)) < 3:
+            raise ValueError(f"TissueComposition needs brain pixels of at least 3 intensities to fit 3 classes. "
+                             f"Received: {len(images)} images with {len(inside)} brain pixels")
+        self.thresholds = tuple(float(t) for t in threshold_multiotsu(inside, classes=3))
+        return self
+
+    def classes(self, images):
+        """Per pixel: 0 outside the brain, else 1 + the tissue class (1 CSF, 2 grey, 3 white). uint8 (N, H, W)."""
+        if self.thresholds is None:
+            raise RuntimeError("TissueComposition must be fitted on real training slices first: call .fit(images)")
+        images = np.asarray(images, np.float32)
+        labels = 1 + np.digitize(images[..., 0], self.thresholds).astype(np.uint8)
+        return np.where(_masks(images), labels, 0).astype(np.uint8)
+
+    def __call__(self, images):
+        """The five features of each slice, float64 (N, 5) in `TISSUE_FEATURES` order (all 0 for no brain)."""
+        labels = self.classes(images)
+        width = labels.shape[2]
+        columns = np.arange(width)
+        rows = []
+        for label in labels:
+            brain = label > 0
+            area = int(brain.sum())
+            if area == 0:  # zeros, not NaN: a model that draws blank slices is flagged, not skipped
+                rows.append([0.0] * len(TISSUE_FEATURES))
+                continue
+            shares = [float((label == c).sum()) / area for c in (1, 2, 3)]
+            mirror = int(round(2 * (brain * columns).sum() / area)) - columns  # column j's mirror column
+            inside = (mirror >= 0) & (mirror < width)
+            mirrored = np.zeros_like(label)
+            mirrored[:, inside] = label[:, mirror[inside]]
+            rows.append([*shares, area / brain.size, float((brain & (mirrored == label)).sum()) / area])
+        return np.asarray(rows, np.float64)
+
+    def compare(self, reference, images, floor):
+        """Per feature, the Wasserstein distance of `images` from `reference`, and of `floor` from it.
+
+        Args:
+            reference: real held-out slices (N, H, W, 1) in [0, 1].
+            images: the slices to judge (generated or reconstructed).
+            floor: other real slices (e.g. training ones): what two real
+                sets score.
+
+        Returns:
+            A dict: `<feature>` and `<feature>_floor` for each of
+            `TISSUE_FEATURES`, `<feature>_mean` and `<feature>_mean_real`
+            (the two sets' means), and `worst_ratio`: the largest
+            distance / floor over the features.
+        """
+        real, judged, other = (self(x) for x in (reference, images, floor))
+        out, ratios = {}, []
+        for k, name in enumerate(TISSUE_FEATURES):
+            a, b, c = real[:, k], judged[:, k], other[:, k]
+            distance, base = stats.wasserstein_distance(a, b), stats.wasserstein_distance(a, c)
+            out.update({name: float(distance), f"{name}_floor": float(base), f"{name}_mean": float(np.mean(b)),
+                        f"{name}_mean_real": float(np.mean(a))})
+            ratios.append(distance / max(base, 1e-12))
+        out["worst_ratio"] = float(max(ratios))
+        return out
+
+
+def _masks(images):
+    """`brain_mask` of a large array of images, 64 at a time, as bool (N, H, W)."""
+    return np.concatenate([brain_mask(images[i:i + 64]).numpy()[..., 0] for i in range(0, len(images), 64)])
 
 
 def shuffle_patches(images, patch, seed=0):
@@ -803,7 +904,9 @@ def sample_quality(samples, reference, train_reference, network, reconstructed_r
     Returns:
         A dict: fd, fd_floor, kid, kid_floor, precision, recall, density, coverage,
         msssim_diversity, msssim_diversity_real, texture_fd,
-        texture_fd_floor, c2st_accuracy (and _low, _high),
+        texture_fd_floor, tissue_<key> for each key of
+        `TissueComposition.compare` (thresholds fitted on `train_reference`),
+        c2st_accuracy (and _low, _high),
         c2st_recon_accuracy (and _low, _high; None without reconstructions),
         n_samples, n_reference, msssim_pairs.
     """
@@ -839,6 +942,8 @@ def sample_quality(samples, reference, train_reference, network, reconstructed_r
            "msssim_diversity": diversity, "msssim_diversity_real": diversity_real, "msssim_pairs": pairs,
            "texture_fd": frechet_distance(real_texture, texture(samples)),
            "texture_fd_floor": frechet_distance(real_texture, texture(train_reference))}
+    tissue = TissueComposition().fit(train_reference).compare(reference, samples, floor=train_reference)
+    out.update({f"tissue_{key}": value for key, value in tissue.items()})
     c2st = classifier_two_sample_test(samples, reference, epochs=c2st_epochs, seed=seed)
     out.update({"c2st_accuracy": c2st["accuracy"], "c2st_accuracy_low": c2st["low"],
                 "c2st_accuracy_high": c2st["high"]})

@@ -798,6 +798,10 @@ def main(argv=None):
                   f"{quality['texture_fd_floor']:.2f}), two-sample test accuracy {quality['c2st_accuracy']:.2f} "
                   f"against real, {quality['c2st_recon_accuracy']:.2f} against reconstructions (0.5 = "
                   "indistinguishable)")
+            shares = ", ".join(f"{name} {quality[f'tissue_{name}_mean']:.3f} (real "
+                               f"{quality[f'tissue_{name}_mean_real']:.3f})" for name in metrics.TISSUE_FEATURES)
+            print(f"tissue composition: {shares}; the worst feature is {quality['tissue_worst_ratio']:.2f}x the "
+                  "real/real floor (Wasserstein distance)")
     else:
         brain = (f"; inside the brain SSIM {summary['ssim_brain_mean']:.4f} +/- {summary['ssim_brain_std']:.4f}, "
                  f"PSNR {summary['psnr_brain_mean']:.2f} dB" if summary["ssim_brain_mean"] is not None else "")

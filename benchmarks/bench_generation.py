@@ -318,7 +318,8 @@ def main(argv=None):
 
     columns = {"fd": "FD", "kid": "KID", "precision": "precision", "recall": "recall", "density": "density",
                "coverage": "coverage", "msssim_diversity": "MS-SSIM", "texture_fd": "texture FD",
-               "c2st_accuracy": "C2ST", "c2st_recon_accuracy": "C2ST recon", "nearest_train_distance": "NN train"}
+               "c2st_accuracy": "C2ST", "c2st_recon_accuracy": "C2ST recon", "tissue_worst_ratio": "tissue x",
+               "nearest_train_distance": "NN train"}
     print(f"{'row':15s} " + " ".join(f"{c:>10s}" for c in columns.values()))
     for row, r in rows.items():
         print(f"{row:15s} " + " ".join(f"{r[c]:10.4f}" for c in columns))

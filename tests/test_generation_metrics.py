@@ -311,6 +311,7 @@ def test_every_set_is_scored_as_8_bit_images_so_a_real_set_scores_the_floor_exac
                                                    c2st_epochs=1, log=lambda *_: None)
     as_floor = score(train)
     assert as_floor["fd"] == as_floor["fd_floor"] and as_floor["texture_fd"] == as_floor["texture_fd_floor"]
+    assert as_floor["tissue_worst_ratio"] == 1.0 and as_floor["tissue_csf"] == as_floor["tissue_csf_floor"] > 0
     saved = score(np.round(np.clip(train, 0, 1) * 255.0) / 255.0)  # the same slices, as PNGs hold them
     assert saved == as_floor
 

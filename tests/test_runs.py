@@ -334,9 +334,10 @@ def test_generation_scores_sample_quality_against_the_test_split_or_a_reference_
     assert done.returncode == 0, done.stderr[-3000:]
     quality = last_json(done.stdout)["quality"]
     for key in ("fd", "fd_floor", "kid", "precision", "recall", "density", "coverage", "msssim_diversity",
-                "msssim_diversity_real", "texture_fd", "texture_fd_floor", "c2st_accuracy", "c2st_recon_accuracy"):
+                "msssim_diversity_real", "texture_fd", "texture_fd_floor", "c2st_accuracy", "c2st_recon_accuracy",
+                "tissue_csf", "tissue_symmetry_floor", "tissue_worst_ratio"):
         assert np.isfinite(quality[key]), key
-    assert quality["n_reference"] == 8 and "noisy below 100" in done.stdout
+    assert quality["n_reference"] == 8 and "noisy below 100" in done.stdout and "tissue composition: csf" in done.stdout
     assert "sample quality over 8 slices: FD" in done.stdout
     # Any folder of real slices as the reference; a missing one is one line.
     folder = tmp_path / "reference"
