@@ -129,6 +129,8 @@ class TrainConfig:
         warmup_fraction: the warm-up's share of the steps (cosine only).
         crop: train on random square crops of this side (0: whole images).
         seed: initialisation, data order, crops and codebook restarts.
+        patience: stop after this many epochs without a better validation
+            score (0: train every epoch); the best checkpoint is kept.
     """
 
     epochs: int = 30
@@ -138,6 +140,7 @@ class TrainConfig:
     warmup_fraction: float = 0.02
     crop: int = 0
     seed: int = 0
+    patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ class Config:
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     vqvae_train: TrainConfig = field(default_factory=TrainConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
-    prior_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, batch_size=32))
+    prior_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, batch_size=32, patience=5))
 
     @property
     def grid(self):
@@ -347,6 +350,8 @@ def validate(cfg):
             (t.learning_rate > 0, f"{section}.learning_rate must be positive", "learning_rate", t.learning_rate),
             (0.0 <= t.warmup_fraction < 1.0, f"{section}.warmup_fraction must be in [0, 1)", "warmup_fraction",
              t.warmup_fraction),
+            (t.patience >= 0, f"{section}.patience must be 0 (never stop early) or more epochs", "patience",
+             t.patience),
         ]
     crop = cfg.vqvae_train.crop
     checks.append((crop == 0 or (crop >= 16 and crop % v.downsample == 0),

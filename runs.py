@@ -482,6 +482,49 @@ class StopAfterEpoch(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def epochs_since_best(values, mode="min"):
+    """Epochs logged after the best of `values` (the first best on ties); None when there are none."""
+    if not values:
+        return None
+    best = int(np.argmax(values) if mode == "max" else np.argmin(values))  # the first best
+    return len(values) - 1 - best
+
+
+class StopWhenStale(keras.callbacks.Callback):
+    """Early stopping that survives a resume: ends `fit` after `patience` epochs without a better `monitor`.
+
+    Unlike `keras.callbacks.EarlyStopping`, its count is read from the values
+    of every epoch logged so far (`earlier`: a resumed run's CSV log), so an
+    interrupted run stops where an uninterrupted one does. It restores
+    nothing itself: the best checkpoint (`AtomicCheckpoint`) is what is kept.
+
+    Args:
+        monitor: the logged value to watch (e.g. `val_bits_per_code`).
+        mode: `min` or `max`: which way is better.
+        patience: epochs without a better value before stopping (> 0).
+        earlier: the values of the epochs already trained.
+    """
+
+    def __init__(self, monitor, mode, patience, earlier=()):
+        super().__init__()
+        if patience < 1:
+            raise ValueError(f"patience must be at least 1 epoch. Received: patience={patience}")
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.values = [float(v) for v in earlier]
+
+    @property
+    def stale(self):
+        since = epochs_since_best(self.values, self.mode)
+        return since is not None and since >= self.patience
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and math.isfinite(value):
+            self.values.append(float(value))
+        if self.stale:
+            self.model.stop_training = True
+
+
 class StopOnNaN(keras.callbacks.Callback):
     """Stops at the first non-finite loss and remembers where, for a clear message."""
 

@@ -113,7 +113,7 @@ def history_rows(path, monitor="val_ssim"):
 
 
 def fit_in_run(model, kind, run, make_train, val_ds, *, steps, epochs, resuming, monitor, mode, grid,
-               learning_rate, backup_every=50, verbose="auto", chief=True):
+               learning_rate, patience=0, backup_every=50, verbose="auto", chief=True):
     """Fits `model` with the run folder's callbacks; returns the CSV rows with a finite `monitor`.
 
     `make_train(first_epoch, skip)` builds the training stream from epoch
@@ -123,9 +123,12 @@ def fit_in_run(model, kind, run, make_train, val_ds, *, steps, epochs, resuming,
     which it therefore equals bit for bit on CPU (only that epoch's logged
     training means cover fewer batches).
 
-    Callbacks: NaN guard, best/last checkpoints written atomically, CSV and
-    TensorBoard logs, `grid` (a per-epoch figure, or None) and, last, the
-    backup. Ends with the training curves. A non-chief worker keeps only
+    Callbacks: NaN guard, best/last checkpoints written atomically, early
+    stopping after `patience` epochs without a better `monitor` (0: never;
+    its count carries over a resume), CSV and TensorBoard logs, `grid` (a
+    per-epoch figure, or None) and, last, the backup. A run that stopped
+    early ends with the best checkpoint's weights in `model`. Ends with the
+    training curves. A non-chief worker keeps only
     what it needs to resume and to summarise (no TensorBoard, figures or
     progress bar).
     """
@@ -143,6 +146,9 @@ def fit_in_run(model, kind, run, make_train, val_ds, *, steps, epochs, resuming,
     epoch, done = runs.Backup.resume_position(model, backup, steps) if resuming else (0, 0)
     nan_guard = runs.StopOnNaN()
     callbacks = [nan_guard, checkpoint, keras.callbacks.CSVLogger(history_csv, append=True)]
+    stale = runs.StopWhenStale(monitor, mode, patience, earlier) if patience else None
+    if stale is not None:
+        callbacks.append(stale)
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(run / "logs" / kind, write_graph=False, profile_batch=0))
     if grid is not None:
@@ -156,7 +162,7 @@ def fit_in_run(model, kind, run, make_train, val_ds, *, steps, epochs, resuming,
                   validation_data=val_ds, callbacks=[*callbacks, runs.StopAfterEpoch(epoch)], verbose=verbose,
                   shuffle=False)
         epoch += 1
-    if epoch < epochs and nan_guard.where is None:
+    if epoch < epochs and nan_guard.where is None and not (stale and stale.stale):
         model.fit(make_train(epoch, 0), epochs=epochs, initial_epoch=epoch, steps_per_epoch=steps,
                   validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)
     if nan_guard.where is not None:
@@ -165,6 +171,12 @@ def fit_in_run(model, kind, run, make_train, val_ds, *, steps, epochs, resuming,
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no epoch had finished"
         raise TrainingError(f"the loss became NaN at epoch {epoch}, step {batch}; training stopped and {kept}. "
                             f"Lower --lr (now {learning_rate:g}) and run again with a new --run.")
+    if stale is not None and stale.stale and checkpoint.best.is_file():
+        model.load_weights(checkpoint.best)
+        if chief:
+            since = runs.epochs_since_best(stale.values, mode)
+            print(f"{kind}: stopped early, {since} epochs without a better {monitor}; restored the best checkpoint "
+                  f"(epoch {len(stale.values) - since}, {monitor} {(max if mode == 'max' else min)(stale.values):.4f})")
     shutil.rmtree(backup, ignore_errors=True)  # finished: nothing to resume
     keys = (("loss", "ssim", "ssim_brain", "perplexity", "codes_used") if kind == "vqvae"
             else ("loss", "bits_per_code"))
@@ -290,12 +302,13 @@ def train_vqvae(cfg, options=None, log=print):
     rows = fit_in_run(model, "vqvae", run.path, make_train, val_ds, steps=steps, epochs=t.epochs,
                       resuming=resuming, monitor="val_ssim", mode="max",
                       grid=runs.ReconstructionGrid(grid_images, run.path) if chief else None,
-                      learning_rate=t.learning_rate, backup_every=options.backup_every, verbose=options.verbose,
-                      chief=chief)
+                      learning_rate=t.learning_rate, patience=t.patience, backup_every=options.backup_every,
+                      verbose=options.verbose, chief=chief)
     best_row = max(rows, key=lambda r: float(r["val_ssim"]))
     summary = {
         "model": "vqvae", "run": str(run.path), "preset": cfg.preset, "source": source.kind,
-        "epochs": int(rows[-1]["epoch"]) + 1, "seconds": round(time.perf_counter() - start, 1),
+        "epochs": int(rows[-1]["epoch"]) + 1, "stopped_early": int(rows[-1]["epoch"]) + 1 < t.epochs,
+        "seconds": round(time.perf_counter() - start, 1),
         "val_ssim": float(best_row["val_ssim"]), "val_ssim_brain": float(best_row["val_ssim_brain"]),
         "val_psnr": float(best_row["val_psnr"]), "val_psnr_brain": float(best_row["val_psnr_brain"]),
         "best_epoch": int(best_row["epoch"]) + 1,
@@ -444,12 +457,13 @@ def train_pixelcnn(run_path=None, changes=(), flags=None, options=None, log=prin
         f"({t.schedule}), run folder {run.path}")
     rows = fit_in_run(prior, "pixelcnn", run.path, make_train, val_ds, steps=steps, epochs=t.epochs,
                       resuming=resuming, monitor="val_bits_per_code", mode="min", grid=grid,
-                      learning_rate=t.learning_rate, backup_every=options.backup_every, verbose=options.verbose,
+                      learning_rate=t.learning_rate, patience=t.patience, backup_every=options.backup_every, verbose=options.verbose,
                       chief=chief)
     best_row = min(rows, key=lambda r: float(r["val_bits_per_code"]))
     summary = {
         "model": "pixelcnn", "run": str(run.path), "preset": cfg.preset, "source": source.kind,
-        "epochs": int(rows[-1]["epoch"]) + 1, "seconds": round(time.perf_counter() - start, 1),
+        "epochs": int(rows[-1]["epoch"]) + 1, "stopped_early": int(rows[-1]["epoch"]) + 1 < t.epochs,
+        "seconds": round(time.perf_counter() - start, 1),
         "val_bits_per_code": float(best_row["val_bits_per_code"]), "best_epoch": int(best_row["epoch"]) + 1,
         "uniform_bits_per_code": math.log2(hyper["num_codes"]),
         "unigram_bits_per_code": unigram_bits(codes["train"], codes["validate"], hyper["num_codes"]),

@@ -221,3 +221,42 @@ def test_prior_trains_in_the_run_and_generates_new_slices(trained_run, tmp_path)
     assert (out / "generated.png").is_file() and (out / "nearest_train.csv").is_file()
     result = command(predict, "--run", run, "--generate", "2", "--slice", "40")
     assert result.returncode == 2 and "--slice must be in 0..7" in result.stderr
+
+
+def toy_model():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    return model
+
+
+def test_early_stopping_ends_after_patience_epochs_and_leaves_the_best_weights(tmp_path):
+    # Fitted to y = x and validated on y = -x: every epoch after the first validates worse.
+    x = np.linspace(-1, 1, 32, dtype=np.float32)[:, None]
+    make_train = lambda first_epoch, skip: (  # noqa: E731
+        tf.data.Dataset.from_tensor_slices((x, x)).shuffle(32, seed=first_epoch).batch(8).repeat().skip(skip))
+    val = tf.data.Dataset.from_tensor_slices((x, -x)).batch(32)
+    model = toy_model()
+    rows = train.fit_in_run(model, "toy", tmp_path, make_train, val, steps=4, epochs=20, resuming=False,
+                            monitor="val_loss", mode="min", grid=None, learning_rate=0.1, patience=2, verbose=0)
+    losses = [float(r["val_loss"]) for r in rows]
+    assert len(rows) == 3 and losses[0] < losses[1] < losses[2], losses
+    best = keras.models.load_model(tmp_path / "toy_best.keras")
+    np.testing.assert_array_equal(model.get_weights()[0], best.get_weights()[0])
+    assert not np.array_equal(model.get_weights()[0], keras.models.load_model(tmp_path / "toy_last.keras")
+                              .get_weights()[0])
+
+
+def test_early_stopping_counts_the_epochs_before_a_resume():
+    from runs import StopWhenStale, epochs_since_best
+
+    assert epochs_since_best([3.0, 2.0, 2.0, 2.5]) == 2 and epochs_since_best([1, 3, 3], mode="max") == 1
+    assert epochs_since_best([]) is None
+    stops = []
+    for earlier in ([], [1.0, 1.2]):  # a fresh run, and one resumed after two logged epochs
+        stale = StopWhenStale("val_loss", "min", patience=2, earlier=earlier)
+        stale.set_model(toy_model())
+        stale.on_epoch_end(0, {"val_loss": 1.3})
+        stops.append(stale.model.stop_training)
+    assert stops == [False, True]
+    with pytest.raises(ValueError, match="Received: patience=0"):
+        StopWhenStale("val_loss", "min", patience=0)
