@@ -1021,19 +1021,45 @@ class BitsPerCode(keras.metrics.Metric):
         return self.total / ops.maximum(self.count, 1.0)
 
 
-def sample_codes(logits, uniform, temperature=1.0):
+def truncate_logits(logits, top_k=0, top_p=1.0):
+    """Logits (B, K) with every code outside the top `top_k` or the nucleus `top_p` set to -inf.
+
+    Top-k keeps the `top_k` most likely codes (0: all; ties with the k-th
+    are kept). The nucleus (Holtzman et al. 2020) keeps the fewest most
+    likely codes whose probabilities sum to at least `top_p` (1.0: all); the
+    most likely code is always kept. Both at once keep what both keep.
+    """
+    logits = tf.cast(logits, tf.float32)
+    if top_k:
+        kth = tf.math.top_k(logits, k=tf.minimum(top_k, tf.shape(logits)[-1])).values[:, -1:]
+        logits = tf.where(logits < kth, -np.inf, logits)
+    if top_p < 1.0:
+        probs = tf.nn.softmax(logits, axis=-1)
+        ranked = tf.sort(probs, axis=-1, direction="DESCENDING")
+        before = tf.cumsum(ranked, axis=-1, exclusive=True)  # the mass of the codes ranked above each one
+        kept = tf.reduce_sum(tf.cast(before < top_p, tf.int32), axis=-1)  # at least 1
+        smallest = tf.gather(ranked, kept - 1, batch_dims=1)[:, None]
+        logits = tf.where(probs < smallest, -np.inf, logits)
+    return logits
+
+
+def sample_codes(logits, uniform, temperature=1.0, top_k=0, top_p=1.0):
     """Draws codes from logits (B, K) by inverse CDF with given uniforms (B,).
 
     Both samplers use this with the same pre-drawn uniforms, so they draw
-    the same codes from the same logits.
+    the same codes from the same logits. `top_k` and `top_p` truncate the
+    distribution first (`truncate_logits`), after the temperature.
     """
-    probs = tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
+    logits = tf.cast(logits, tf.float32) / temperature
+    if top_k or top_p < 1.0:
+        logits = truncate_logits(logits, top_k, top_p)
+    probs = tf.nn.softmax(logits, axis=-1)
     cdf = tf.cumsum(probs, axis=-1)
     code = tf.reduce_sum(tf.cast(cdf < uniform[:, None] * cdf[:, -1:], tf.int32), axis=-1)
     return tf.minimum(code, tf.shape(logits)[-1] - 1)
 
 
-def make_naive_sampler(prior, batch, height, width, temperature=1.0, jit_compile=False):
+def make_naive_sampler(prior, batch, height, width, temperature=1.0, jit_compile=False, top_k=0, top_p=1.0):
     """The reference sampler: one full forward pass of the prior per code position.
 
     This is the keras.io method (compiled into one graph here, which only
@@ -1054,7 +1080,7 @@ def make_naive_sampler(prior, batch, height, width, temperature=1.0, jit_compile
         for t in tf.range(total):
             logits = prior({"codes": codes, "slice": slices, "label": labels})
             i, j = t // width, t % width
-            code = sample_codes(logits[:, i, j], uniform[:, i, j], temperature)
+            code = sample_codes(logits[:, i, j], uniform[:, i, j], temperature, top_k, top_p)
             codes = tf.where((rows == t)[None], code[:, None, None], codes)
         return codes
 
@@ -1073,7 +1099,7 @@ def sample_naive(prior, uniform, temperature=1.0, slice_index=-1, label=-1, posi
     return make_naive_sampler(prior, batch, height, width, temperature)(uniform, slice_index, label, positions)
 
 
-def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=True):
+def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=True, top_k=0, top_p=1.0):
     """A compiled cached sampler for `prior` (Ramachandran et al. 2017).
 
     A thin loop over the prior's own cached steps (`GatedPixelCNN.start_state`,
@@ -1089,6 +1115,8 @@ def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=
         width: grid columns.
         temperature: softmax temperature of the draws.
         jit_compile: compile the loop with XLA (much faster on a CPU).
+        top_k: draw only among the `top_k` most likely codes (0: all).
+        top_p: draw only from the nucleus of this much probability (1.0: all).
 
     Returns:
         A function `sample(uniform, slice_index=-1, label=-1) -> codes (B, H, W)`
@@ -1104,7 +1132,7 @@ def make_fast_sampler(prior, batch, height, width, temperature=1.0, jit_compile=
             row = tf.TensorArray(tf.int32, size=width)
             for j in tf.range(width):
                 logits, state = prior.step(state, i, j)
-                code = sample_codes(logits, uniform[:, i, j], temperature)
+                code = sample_codes(logits, uniform[:, i, j], temperature, top_k, top_p)
                 state = prior.push_code(state, code)
                 row = row.write(j, code)
             codes_row = tf.transpose(row.stack())  # (B, W)

@@ -338,10 +338,12 @@ def run_generation(args, log=print):
         label = names.index(args.label)
     batch = min(args.generate, args.batch_size)
     sampler = modules.make_fast_sampler(prior, batch, height, width, temperature=args.temperature,
-                                        jit_compile=not args.no_xla)
+                                        jit_compile=not args.no_xla, top_k=args.top_k, top_p=args.top_p)
+    truncation = "".join([f", top-k {args.top_k}" if args.top_k else "",
+                          f", nucleus {args.top_p:g}" if args.top_p < 1 else ""])
     slice_index = -1 if args.slice is None else args.slice
     log(f"generating {args.generate} slices: {height}x{width} codes (K={hyper['num_codes']}) at temperature "
-        f"{args.temperature}" + (f", slice {args.slice}" if args.slice is not None else "")
+        f"{args.temperature}{truncation}" + (f", slice {args.slice}" if args.slice is not None else "")
         + (f", class {args.label}" if args.label else "") + f", seed {args.seed}")
     images, sample_seconds, done = [], 0.0, 0
     bar = keras.utils.Progbar(args.generate, unit_name="sample")
@@ -359,7 +361,8 @@ def run_generation(args, log=print):
     for i, image in enumerate(images):
         save_png(image, out / f"generated_{i:04d}.png")
     summary = {"n_generated": int(len(images)), "out": str(out), "grid_shape": [height, width],
-               "temperature": args.temperature, "slice": args.slice, "label": args.label, "seed": args.seed,
+               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "slice": args.slice,
+               "label": args.label, "seed": args.seed,
                "sampling_seconds": round(sample_seconds, 2),
                "samples_per_s": round(len(images) / max(sample_seconds, 1e-9), 2)}
     titles = None
@@ -378,7 +381,7 @@ def run_generation(args, log=print):
         titles = [f"nearest train SSIM {s:.2f}" for s in nearest]
     if not args.no_quality:
         summary["quality"] = generation_quality(images, vqvae, run, source, data, args, log)
-    title = f"{len(images)} generated slices ({height}x{width} codes, T={args.temperature})"
+    title = f"{len(images)} generated slices ({height}x{width} codes, T={args.temperature}{truncation})"
     if args.slice is not None:
         title += f", slice {args.slice}"
     summary["figure"] = str(dataset.save_grid(images[:32], out / "generated.png", titles=titles and titles[:32],
@@ -431,6 +434,11 @@ def parse_args(argv=None):
     gen.add_argument("--slice", type=int, default=None, help="axial slice position to generate at (OASIS 0-31)")
     gen.add_argument("--label", default=None, help="class to generate (a class folder name of the data)")
     gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the sampler (default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K",
+                     help="draw each code only among the K most likely (0, the default: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                     help="nucleus sampling: draw each code only among the fewest most likely codes holding "
+                          "probability P (1.0, the default: all)")
     gen.add_argument("--no-xla", action="store_true", help="do not XLA-compile the sampler (slower, no compile wait)")
     gen.add_argument("--no-memorisation-check", action="store_true",
                      help="skip the SSIM-to-nearest-training-slice check")
@@ -463,6 +471,10 @@ def parse_args(argv=None):
         parser.error(f"--generate must be at least 1. Received: {args.generate}")
     if args.temperature <= 0:
         parser.error(f"--temperature must be positive. Received: {args.temperature}")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be 0 (all codes) or more. Received: {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1]. Received: {args.top_p}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1. Received: {args.batch_size}")
     if args.limit is not None and args.limit < 1:

@@ -457,8 +457,8 @@ def train_pixelcnn(run_path=None, changes=(), flags=None, options=None, log=prin
         f"({t.schedule}), run folder {run.path}")
     rows = fit_in_run(prior, "pixelcnn", run.path, make_train, val_ds, steps=steps, epochs=t.epochs,
                       resuming=resuming, monitor="val_bits_per_code", mode="min", grid=grid,
-                      learning_rate=t.learning_rate, patience=t.patience, backup_every=options.backup_every, verbose=options.verbose,
-                      chief=chief)
+                      learning_rate=t.learning_rate, patience=t.patience, backup_every=options.backup_every,
+                      verbose=options.verbose, chief=chief)
     best_row = min(rows, key=lambda r: float(r["val_bits_per_code"]))
     summary = {
         "model": "pixelcnn", "run": str(run.path), "preset": cfg.preset, "source": source.kind,

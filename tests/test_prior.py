@@ -209,3 +209,29 @@ def test_the_benchmarks_banded_plain_sampler_draws_what_the_naive_sampler_draws(
     banded = bench_prior.make_plain_sampler(plain, 4, height, width)(uniform).numpy()
     np.testing.assert_array_equal(banded, naive)
     assert len(np.unique(naive)) > 3  # the draws are not degenerate
+
+
+def test_top_k_and_nucleus_keep_exactly_the_most_likely_codes():
+    probs = np.array([[0.5, 0.05, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]], np.float32)
+    logits = tf.math.log(probs)
+    kept = lambda **kw: np.isfinite(modules.truncate_logits(logits, **kw).numpy())  # noqa: E731
+    np.testing.assert_array_equal(kept(top_k=2), [[1, 0, 1, 0], [1, 1, 1, 1]])  # ties with the 2nd are kept
+    np.testing.assert_array_equal(kept(top_p=0.8), [[1, 0, 1, 0], [1, 1, 1, 1]])  # 0.5 + 0.3 reach 0.8
+    np.testing.assert_array_equal(kept(top_p=0.81), [[1, 0, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(kept(top_p=0.1), [[1, 0, 0, 0], [1, 1, 1, 1]])  # the top code always stays
+    np.testing.assert_array_equal(kept(top_k=3, top_p=0.5), [[1, 0, 0, 0], [1, 1, 1, 1]])
+    assert kept().all() and kept(top_k=9).all()
+    # Drawn over many uniforms, the kept codes take the renormalised probabilities.
+    uniform = (np.arange(4000, dtype=np.float32) + 0.5) / 4000
+    drawn = modules.sample_codes(tf.repeat(logits[:1], 4000, axis=0), uniform, top_p=0.8).numpy()
+    np.testing.assert_allclose(np.bincount(drawn, minlength=4) / 4000, [0.625, 0, 0.375, 0], atol=1e-3)
+
+
+def test_both_samplers_truncate_alike():
+    prior = random_prior(seed=5)
+    uniform = tf.random.stateless_uniform((3, H, W), seed=[4, 4])
+    for truncation in ({"top_k": 3}, {"top_p": 0.6}):
+        naive = modules.make_naive_sampler(prior, 3, H, W, **truncation)(uniform).numpy()
+        fast = modules.make_fast_sampler(prior, 3, H, W, jit_compile=False, **truncation)(uniform).numpy()
+        np.testing.assert_array_equal(fast, naive)
+        assert not np.array_equal(fast, modules.make_fast_sampler(prior, 3, H, W, jit_compile=False)(uniform).numpy())

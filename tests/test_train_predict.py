@@ -212,15 +212,20 @@ def test_prior_trains_in_the_run_and_generates_new_slices(trained_run, tmp_path)
                  "pixelcnn_curves.png", "pixelcnn_samples_epoch012.png", "codes_cache.npz"):
         assert (run / name).is_file(), name
     out = tmp_path / "gen"
-    result = command(predict, "--run", run, "--generate", "3", "--slice", "4", "--out", out, "--json")
+    result = command(predict, "--run", run, "--generate", "3", "--slice", "4", "--top-k", "8", "--out", out,
+                     "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = last_json(result.stdout)
     assert summary["n_generated"] == 3 and summary["slice"] == 4 and summary["samples_per_s"] > 0
+    assert summary["top_k"] == 8 and summary["top_p"] == 1.0 and "top-k 8" in result.stdout
     assert 0 < summary["nearest_train_ssim_mean"] <= 1 and 0 < summary["test_nearest_train_ssim_mean"] <= 1
     assert sorted(p.name for p in out.glob("generated_*.png")) == [f"generated_{i:04d}.png" for i in range(3)]
     assert (out / "generated.png").is_file() and (out / "nearest_train.csv").is_file()
     result = command(predict, "--run", run, "--generate", "2", "--slice", "40")
     assert result.returncode == 2 and "--slice must be in 0..7" in result.stderr
+    for flag, value in (("--top-p", "0"), ("--top-k", "-1")):
+        result = command(predict, "--run", run, "--generate", "2", flag, value)
+        assert result.returncode == 2 and f"{flag} must be" in result.stderr and f"Received: {value}" in result.stderr
 
 
 def toy_model():
