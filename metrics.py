@@ -779,7 +779,11 @@ class TissueComposition:
             (the two sets' means), and `worst_ratio`: the largest
             distance / floor over the features.
         """
-        real, judged, other = (self(x) for x in (reference, images, floor))
+        return self.compare_rows(self(reference), self(images), self(floor))
+
+    @staticmethod
+    def compare_rows(real, judged, other):
+        """`compare` on feature rows already computed (N, 5): reference, judged and floor."""
         out, ratios = {}, []
         for k, name in enumerate(TISSUE_FEATURES):
             a, b, c = real[:, k], judged[:, k], other[:, k]
@@ -882,6 +886,182 @@ def nearest_distances(x, y, batch=512):
     return np.concatenate([_distances(x[i:i + batch], y).min(1) for i in range(0, len(x), batch)] or [np.zeros(0)])
 
 
+REFERENCE_KEYS = ("features", "floor_features", "texture_ranges", "texture_mean", "texture_std", "texture",
+                  "texture_floor", "tissue_thresholds", "tissue", "tissue_floor", "msssim_diversity_real", "image_size")
+
+
+def reference_statistics(reference, train_reference, network, seed=0):
+    """What the sample-quality metrics need of two real sets, as arrays: features, not images.
+
+    What FID tools ship as precomputed statistics, for every metric of
+    `score_samples`: the evaluation network's features of both sets (the
+    k-NN metrics need the points, not only their mean and covariance), the
+    texture features' fit and rows, the tissue thresholds (fitted on
+    `train_reference`) and rows, and the real MS-SSIM diversity. Saved beside
+    a model with `save_reference`, so a run folder can score its samples with
+    no real images at hand.
+
+    Args:
+        reference: real held-out slices (N, H, W, 1) in [0, 1], 8-bit values.
+        train_reference: as many real training slices (the floor).
+        network: the evaluation network.
+        seed: seed of the MS-SSIM pairs.
+
+    Returns:
+        A dict of numpy arrays.
+    """
+    reference, train_reference = to_8bit(reference), to_8bit(train_reference)
+    fitted = TextureFeatures().fit(reference)
+    statistics = {
+        "texture_ranges": np.asarray([fitted.ranges[name] for name in TEXTURE_FILTERS], np.float64),
+        "texture_mean": fitted.mean, "texture_std": fitted.std,
+        "tissue_thresholds": np.asarray(TissueComposition().fit(train_reference).thresholds, np.float64),
+        "msssim_diversity_real": np.float64(msssim_diversity(reference, seed=seed)[0]),
+        "image_size": np.int64(reference.shape[1])}
+    # The rows are computed with the fits as saved (float64), as `score_samples` recomputes them.
+    texture, tissue = _texture_of(statistics), _tissue_of(statistics)
+    return {**statistics, "features": features(network, reference), "floor_features": features(network, train_reference),
+            "texture": texture(reference), "texture_floor": texture(train_reference),
+            "tissue": tissue(reference), "tissue_floor": tissue(train_reference)}
+
+
+def with_reference(statistics, reference, network, seed=0):
+    """`statistics` with another real reference set, scored under the same fits and against the same floor.
+
+    For scoring against a folder of real slices when no training slices are
+    at hand: the texture and tissue fits and the training (floor) rows stay
+    those of `statistics`; the reference rows and the real MS-SSIM
+    diversity become those of `reference`.
+
+    Args:
+        statistics: a `reference_statistics` dict.
+        reference: real slices (N, H, W, 1) in [0, 1] at the statistics' size.
+        network: the evaluation network of `statistics`.
+        seed: seed of the MS-SSIM pairs.
+
+    Returns:
+        A new dict of the same keys.
+    """
+    reference = to_8bit(reference)
+    if reference.shape[1] != int(statistics["image_size"]):
+        raise ValueError(f"the reference statistics are of {int(statistics['image_size'])} px slices; the "
+                         f"reference is {reference.shape[1]} px. Received: shape {tuple(reference.shape)}")
+    texture, tissue = _texture_of(statistics), _tissue_of(statistics)
+    return {**statistics, "features": features(network, reference), "texture": texture(reference),
+            "tissue": tissue(reference), "msssim_diversity_real": np.float64(msssim_diversity(reference, seed=seed)[0])}
+
+
+def _tissue_of(statistics):
+    tissue = TissueComposition()
+    tissue.thresholds = tuple(float(t) for t in statistics["tissue_thresholds"])
+    return tissue
+
+
+def _texture_of(statistics):
+    texture = TextureFeatures()
+    texture.ranges = {name: tuple(r) for name, r in zip(TEXTURE_FILTERS, statistics["texture_ranges"])}
+    texture.mean, texture.std = statistics["texture_mean"], statistics["texture_std"]
+    return texture
+
+
+def score_samples(samples, statistics, network, seed=0):
+    """Every sample-quality metric but the two-sample tests, of samples against `reference_statistics`.
+
+    With more samples or more reference rows than the other, both are cut
+    to the smaller count (seeded subsets; the texture and tissue fits stay
+    those of the whole reference). `sample_quality` is this on sets of one
+    size, plus the two-sample tests, which need real images.
+
+    Args:
+        samples: generated slices (N, H, W, 1) in [0, 1], at the reference's
+            size (scored as 8-bit images).
+        statistics: a `reference_statistics` dict (or `load_reference`'s).
+        network: the evaluation network the statistics were computed with.
+        seed: seed of the subsets and MS-SSIM pairs.
+
+    Returns:
+        A dict: fd, fd_floor, kid, kid_floor, precision, recall, density,
+        coverage, msssim_diversity, msssim_diversity_real, msssim_pairs,
+        texture_fd, texture_fd_floor, tissue_<key> (see
+        `TissueComposition.compare`), n_samples, n_reference.
+    """
+    s = statistics
+    samples = np.asarray(samples, np.float32)
+    if not np.isfinite(samples).all():
+        raise ValueError(f"samples: {int((~np.isfinite(samples)).reshape(len(samples), -1).any(axis=1).sum())} of "
+                         f"{len(samples)} images hold NaN or inf values; a diverged model cannot be scored")
+    if samples.shape[1] != int(s["image_size"]):
+        raise ValueError(f"the reference statistics are of {int(s['image_size'])} px slices; the samples are "
+                         f"{samples.shape[1]} px. Received: samples of shape {tuple(samples.shape)}")
+    n = min(len(samples), len(s["features"]), len(s["floor_features"]))
+    if n <= NEAREST_K:
+        raise ValueError(f"sample quality needs more than {NEAREST_K} samples and reference rows. Received: "
+                         f"{len(samples)} samples, {len(s['features'])} reference and {len(s['floor_features'])} "
+                         "training rows")
+    rng = np.random.default_rng(seed)
+    pick = lambda count: np.sort(rng.permutation(count)[:n])  # noqa: E731
+    samples = to_8bit(samples)[pick(len(samples))]
+    rows, floor_rows = pick(len(s["features"])), pick(len(s["floor_features"]))
+    real, floor, fake = s["features"][rows], s["floor_features"][floor_rows], features(network, samples)
+    texture = _texture_of(s)
+    real_texture = s["texture"][rows]
+    tissue = _tissue_of(s)
+    diversity, pairs = msssim_diversity(samples, seed=seed)
+    out = {"fd": frechet_distance(real, fake), "fd_floor": frechet_distance(real, floor),
+           "kid": kernel_inception_distance(real, fake, seed=seed),
+           "kid_floor": kernel_inception_distance(real, floor, seed=seed),
+           **precision_recall_density_coverage(real, fake),
+           "msssim_diversity": diversity, "msssim_diversity_real": float(s["msssim_diversity_real"]),
+           "msssim_pairs": pairs,
+           "texture_fd": frechet_distance(real_texture, texture(samples)),
+           "texture_fd_floor": frechet_distance(real_texture, s["texture_floor"][floor_rows])}
+    compared = tissue.compare_rows(s["tissue"][rows], tissue(samples), s["tissue_floor"][floor_rows])
+    out.update({f"tissue_{key}": value for key, value in compared.items()})
+    out.update({"n_samples": n, "n_reference": n})
+    return out
+
+
+def save_reference(path, statistics, network, description=""):
+    """Writes `reference_statistics` and the evaluation network's weights to one .npz file, atomically.
+
+    `description` (e.g. which split of which data) is stored with them.
+    """
+    path = Path(path)
+    weights = {f"network_{i}": w for i, w in enumerate(network.get_weights())}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, version=np.int64(EVAL_VERSION), description=np.str_(description), **statistics, **weights)
+    os.replace(tmp, path)
+    return path
+
+
+def load_reference(path):
+    """`(statistics, evaluation network)` from a `save_reference` file; a damaged one is one ValueError line."""
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+        version = int(arrays.pop("version"))
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable reference-statistics file ({type(err).__name__}: {err}). "
+                         "Rebuild it with predict.py --save-reference.") from None
+    if version != EVAL_VERSION:
+        raise ValueError(f"{path} was written for evaluation network version {version}, this is {EVAL_VERSION}. "
+                         "Rebuild it with predict.py --save-reference.")
+    missing = [key for key in REFERENCE_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a complete reference-statistics file. Rebuild it "
+                         "with predict.py --save-reference.")
+    arrays["description"] = str(arrays.get("description", ""))
+    count = sum(key.startswith("network_") for key in arrays)
+    network = evaluation_network()
+    try:
+        network.set_weights([arrays.pop(f"network_{i}") for i in range(count)])
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path}: its evaluation network does not fit this version's ({err}). Rebuild it with "
+                         "predict.py --save-reference.") from None
+    return arrays, network
+
+
 def sample_quality(samples, reference, train_reference, network, reconstructed_reference=None, seed=0,
                    c2st_epochs=20, log=print):
     """Every sample-quality metric of generated slices against real ones, with equal counts.
@@ -930,28 +1110,24 @@ def sample_quality(samples, reference, train_reference, network, reconstructed_r
     rng = np.random.default_rng(seed)
     samples, reference, train_reference = (np.asarray(x, np.float32)[np.sort(rng.permutation(len(x))[:n])]
                                            for x in (samples, reference, train_reference))
-    fake, real, floor = (features(network, x) for x in (samples, reference, train_reference))
-    texture = TextureFeatures().fit(reference)
-    real_texture = texture(reference)
-    diversity, pairs = msssim_diversity(samples, seed=seed)
-    diversity_real, _ = msssim_diversity(reference, seed=seed)
-    out = {"fd": frechet_distance(real, fake), "fd_floor": frechet_distance(real, floor),
-           "kid": kernel_inception_distance(real, fake, seed=seed),
-           "kid_floor": kernel_inception_distance(real, floor, seed=seed),
-           **precision_recall_density_coverage(real, fake),
-           "msssim_diversity": diversity, "msssim_diversity_real": diversity_real, "msssim_pairs": pairs,
-           "texture_fd": frechet_distance(real_texture, texture(samples)),
-           "texture_fd_floor": frechet_distance(real_texture, texture(train_reference))}
-    tissue = TissueComposition().fit(train_reference).compare(reference, samples, floor=train_reference)
-    out.update({f"tissue_{key}": value for key, value in tissue.items()})
-    c2st = classifier_two_sample_test(samples, reference, epochs=c2st_epochs, seed=seed)
-    out.update({"c2st_accuracy": c2st["accuracy"], "c2st_accuracy_low": c2st["low"],
-                "c2st_accuracy_high": c2st["high"]})
-    out.update({"c2st_recon_accuracy": None, "c2st_recon_accuracy_low": None, "c2st_recon_accuracy_high": None})
-    if reconstructed_reference is not None:
-        recon = np.asarray(reconstructed_reference, np.float32)
-        c2st = classifier_two_sample_test(samples, recon, epochs=c2st_epochs, seed=seed)
-        out.update({"c2st_recon_accuracy": c2st["accuracy"], "c2st_recon_accuracy_low": c2st["low"],
-                    "c2st_recon_accuracy_high": c2st["high"]})
-    out.update({"n_samples": n, "n_reference": n})
+    out = score_samples(samples, reference_statistics(reference, train_reference, network, seed=seed), network,
+                        seed=seed)
+    out.update(two_sample_tests(samples, reference, reconstructed_reference, epochs=c2st_epochs, seed=seed))
+    return out
+
+
+def two_sample_tests(samples, reference, reconstructed_reference=None, epochs=20, seed=0):
+    """The classifier two-sample tests of `sample_quality`: samples against real slices and against reconstructions.
+
+    Returns:
+        A dict: c2st_accuracy (and _low, _high), c2st_recon_accuracy (and
+        _low, _high; None without `reconstructed_reference`).
+    """
+    out = {"c2st_recon_accuracy": None, "c2st_recon_accuracy_low": None, "c2st_recon_accuracy_high": None}
+    for key, other in (("c2st", reference), ("c2st_recon", reconstructed_reference)):
+        if other is not None:
+            c2st = classifier_two_sample_test(np.asarray(samples, np.float32), np.asarray(other, np.float32),
+                                              epochs=epochs, seed=seed)
+            out.update({f"{key}_accuracy": c2st["accuracy"], f"{key}_accuracy_low": c2st["low"],
+                        f"{key}_accuracy_high": c2st["high"]})
     return out

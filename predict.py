@@ -31,6 +31,9 @@ precision, recall, density and coverage (k=5), MS-SSIM diversity beside the
 real slices', a texture Frechet distance inside the brain, and two
 classifier two-sample tests (against real slices, and against the VQ-VAE's
 reconstructions of them: the prior alone). `--no-quality` skips them.
+`--save-reference` stores the real slices' features in the run
+(`reference_statistics.npz`), so `--generate` can score where the data are
+not (every metric but the two-sample tests).
 
 With `--compress`, every slice under a folder is encoded and its code grid
 range-coded with the prior into one `.bvq` file (`codec.py`); `--decompress`
@@ -61,6 +64,9 @@ import volumes
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+# `--save-reference` writes the run's real-slice statistics here; `--generate` scores against them.
+REFERENCE_FILE = "reference_statistics.npz"
 
 # The memorisation check compares images pairwise: at most this many pixels
 # of pairs at once, so its memory does not grow with the number of samples.
@@ -272,6 +278,52 @@ def memorisation_check(samples, vqvae, source, data, seed=0, log=print):
     return summary, ours, files[:n]
 
 
+def reference_split(source, data, args):
+    """The real slices samples are scored against: every image under `--reference-data`, else the test split."""
+    if not args.reference_data:
+        return source.splits["test"]
+    folder = Path(args.reference_data)
+    if not folder.is_dir():
+        raise PredictError(f"--reference-data: folder not found: {folder}. Pass a folder of real slices.")
+    if dataset.holds_volumes(folder):
+        return volume_folder(folder, data, "skip" if args.skip_bad else "error")
+    split = dataset.make_split(dataset.list_images(folder))
+    if not len(split):
+        raise dataset.DataError(f"no images found: --reference-data {folder} holds no .png/.jpg/.jpeg files.")
+    return dataset.check_split("reference", split, on_bad="skip" if args.skip_bad else "error")[0]
+
+
+def save_reference(args, log=print):
+    """Writes the run's reference statistics (`metrics.reference_statistics`) to `<run>/reference_statistics.npz`.
+
+    The reference is the run's test split (or `--reference-data`), at most
+    `--limit` slices, and the floor as many training slices; the file holds
+    their features and the evaluation network, not images, so the run can
+    score generated slices where its data are not (`--generate`).
+    """
+    start = time.perf_counter()
+    run = runs.Run(args.run)
+    data = run.settings("vqvae").data
+    size, fit = data.image_size, data.fit
+    source = run.source(on_bad="skip" if args.skip_bad else None)
+    train, reference_images = run.splits(source, ("train",))["train"], reference_split(source, data, args)
+    n = min(len(reference_images), len(train), args.limit or len(train))
+    if n <= metrics.NEAREST_K:
+        raise PredictError(f"reference statistics need more than {metrics.NEAREST_K} reference and training "
+                           f"slices. Received: {len(reference_images)} reference, {len(train)} training")
+    network = metrics.load_evaluation_network(train, size, fit, dataset.default_cache_dir(), log=log)
+    what = f"--reference-data {args.reference_data}" if args.reference_data else "the test split"
+    log(f"reference statistics: {n} slices of {what} (floor: {n} training slices) at {size} px")
+    reference = runs.load_images(reference_images, n, size, fit, args.seed)
+    train_reference = runs.load_images(train, n, size, fit, args.seed + 1)
+    statistics = metrics.reference_statistics(reference, train_reference, network, seed=args.seed)
+    path = metrics.save_reference(run.path / REFERENCE_FILE, statistics, network,
+                                  description=f"{n} slices of {what} of {data.data or 'the phantoms'}, {n} training "
+                                              f"slices, {size} px, fit {fit}")
+    return {"reference_statistics": str(path), "n_reference": n, "bytes": path.stat().st_size,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def generation_quality(samples, vqvae, run, source, data, args, log=print):
     """The sample-quality metrics of `metrics.sample_quality` for a run's generated slices.
 
@@ -280,35 +332,68 @@ def generation_quality(samples, vqvae, run, source, data, args, log=print):
     fits its images); the floor compares as many training slices with it.
     The evaluation network is trained once on the run's training split and
     cached by the digest of its files.
+
+    A run folder with `reference_statistics.npz` (`--save-reference`) brings
+    its own evaluation network and real features: without `--reference-data`
+    the samples are scored against them, with no data at hand and without
+    the two-sample tests (they need real images); with `--reference-data`
+    and no training slices (`source` None), the folder is the reference and
+    the file's training rows the floor.
     """
     size, fit = data.image_size, data.fit
-    train = run.splits(source, ("train",))["train"]
-    if args.reference_data:
-        folder = Path(args.reference_data)
-        if not folder.is_dir():
-            raise PredictError(f"--reference-data: folder not found: {folder}. Pass a folder of real slices.")
-        if dataset.holds_volumes(folder):
-            reference_split = volume_folder(folder, data, "skip" if args.skip_bad else "error")
-        else:
-            reference_split = dataset.make_split(dataset.list_images(folder))
-        if not len(reference_split):
-            raise dataset.DataError(f"no images found: --reference-data {folder} holds no .png/.jpg/.jpeg files.")
-        if not dataset.holds_volumes(folder):
-            reference_split, _ = dataset.check_split("reference", reference_split,
-                                                     on_bad="skip" if args.skip_bad else "error")
-    else:
-        reference_split = source.splits["test"]
-    n = min(len(samples), len(reference_split), len(train))
-    if n <= metrics.NEAREST_K:
-        log(f"warning: sample quality needs more than {metrics.NEAREST_K} generated and real slices; there are "
-            f"{len(samples)} generated, {len(reference_split)} reference and {len(train)} training slices, so it is "
-            "skipped (generate 100 or more for numbers to compare)")
-        return None
+    pack = run.path / REFERENCE_FILE
+    statistics = network = None
+    if pack.is_file():
+        try:
+            statistics, network = metrics.load_reference(pack)
+        except ValueError as err:
+            raise PredictError(str(err)) from None
+        if int(statistics["image_size"]) != size:
+            raise PredictError(f"{pack} is of {int(statistics['image_size'])} px slices, the run's are {size} px. "
+                               "Rebuild it with predict.py --save-reference.")
     if not np.isfinite(samples).all():
         raise PredictError("the generated slices hold NaN values: the VQ-VAE or the prior diverged. Retrain "
                            "it (train.py stops on a NaN loss), or pass --no-quality.")
-    network = metrics.load_evaluation_network(train, size, fit, dataset.default_cache_dir(), log=log)
-    reference = runs.load_images(reference_split, n, size, fit, args.seed)
+    if statistics is not None and (source is None or not args.reference_data):
+        reference = None
+        if args.reference_data:
+            reference_images = reference_split(None, data, args)
+            reference = runs.load_images(reference_images, min(len(samples), len(reference_images)), size, fit,
+                                         args.seed)
+            statistics = metrics.with_reference(statistics, reference, network, seed=args.seed)
+        n = min(len(samples), len(statistics["features"]), len(statistics["floor_features"]))
+        if n <= metrics.NEAREST_K:
+            log(f"warning: sample quality needs more than {metrics.NEAREST_K} generated slices; skipped")
+            return None
+        if n < metrics.FEW_SAMPLES:
+            log(f"warning: {n} slices per set: the distribution metrics are noisy below {metrics.FEW_SAMPLES}; "
+                "generate more for numbers to compare")
+        log(f"sample quality: {n} generated slices against "
+            + (f"{n} real slices of --reference-data" if reference is not None else f"the statistics of {pack}")
+            + f" ({statistics['description']})")
+        out = metrics.score_samples(samples, statistics, network, seed=args.seed)
+        if reference is None:
+            out.update({f"c2st{kind}_accuracy{end}": None for kind in ("", "_recon") for end in ("", "_low", "_high")})
+            out["note"] = "scored against the run's reference statistics; the two-sample tests need real " \
+                          "slices: pass --reference-data DIR"
+        else:
+            reference = metrics.to_8bit(reference)
+            reconstructed = np.concatenate([vqvae.reconstruct(reference[i:i + 32]).numpy()
+                                            for i in range(0, len(reference), 32)])
+            out.update(metrics.two_sample_tests(metrics.to_8bit(samples)[:len(reference)], reference,
+                                                metrics.to_8bit(reconstructed), seed=args.seed))
+        return out
+    train = run.splits(source, ("train",))["train"]
+    reference_images = reference_split(source, data, args)
+    n = min(len(samples), len(reference_images), len(train))
+    if n <= metrics.NEAREST_K:
+        log(f"warning: sample quality needs more than {metrics.NEAREST_K} generated and real slices; there are "
+            f"{len(samples)} generated, {len(reference_images)} reference and {len(train)} training slices, so it "
+            "is skipped (generate 100 or more for numbers to compare)")
+        return None
+    if network is None:
+        network = metrics.load_evaluation_network(train, size, fit, dataset.default_cache_dir(), log=log)
+    reference = runs.load_images(reference_images, n, size, fit, args.seed)
     train_reference = runs.load_images(train, n, size, fit, args.seed + 1)
     reconstructed = np.concatenate([vqvae.reconstruct(reference[i:i + 32]).numpy()
                                     for i in range(0, len(reference), 32)])
@@ -366,9 +451,17 @@ def run_generation(args, log=print):
                "sampling_seconds": round(sample_seconds, 2),
                "samples_per_s": round(len(images) / max(sample_seconds, 1e-9), 2)}
     titles = None
+    source = None
     if not (args.no_memorisation_check and args.no_quality):
-        source = run.source(on_bad="skip" if args.skip_bad else None)
-    if not args.no_memorisation_check:
+        try:
+            source = run.source(on_bad="skip" if args.skip_bad else None)
+        except (runs.RunError, dataset.DataError) as err:
+            if not (run.path / REFERENCE_FILE).is_file():
+                raise
+            log(f"note: {err} The memorisation check is skipped (it needs the training slices); the samples are "
+                f"scored with {run.path / REFERENCE_FILE}.")
+            summary["memorisation_check"] = "skipped: the run's training slices are not at hand"
+    if source is not None and not args.no_memorisation_check:
         check, nearest, files = memorisation_check(images, vqvae, source, data, seed=args.seed, log=log)
         tmp = out / f".nearest_train.csv.tmp-{os.getpid()}"
         with open(tmp, "w", newline="") as f:
@@ -445,6 +538,11 @@ def parse_args(argv=None):
     gen.add_argument("--reference-data", default=None, metavar="PATH",
                      help="score the samples against the real slices of this folder (all of it, fitted as the run "
                           "fits its images) instead of the run's test split")
+    gen.add_argument("--save-reference", action="store_true",
+                     help="write the run's reference statistics (features of the test split, or of "
+                          "--reference-data, and of as many training slices, with the evaluation network; at most "
+                          "--limit slices) to <run>/reference_statistics.npz; --generate then scores against them "
+                          "without the data (no two-sample tests) unless --reference-data is given")
     gen.add_argument("--no-quality", action="store_true",
                      help="skip the sample-quality metrics (FD and KID in the evaluation network's features, "
                           "precision/recall/density/coverage, MS-SSIM diversity, texture FD, two-sample tests)")
@@ -460,8 +558,8 @@ def parse_args(argv=None):
                           f"{codec.CHUNK})")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last on stdout")
     args = parser.parse_args(argv)
-    if args.compress and args.decompress:
-        parser.error("pass --compress or --decompress, not both")
+    if sum(map(bool, (args.compress, args.decompress, args.save_reference, args.generate))) > 1:
+        parser.error("pass one of --compress, --decompress, --save-reference and --generate")
     if (args.compress or args.decompress) and not args.out:
         parser.error(f"--{'compress' if args.compress else 'decompress'} needs --out "
                      f"({'the .bvq file to write' if args.compress else 'the folder to write PNGs to'})")
@@ -777,7 +875,8 @@ def run_decompress(args, log=print):
 def main(argv=None):
     args = parse_args(argv)
     command = (run_compress if args.compress else run_decompress if args.decompress
-               else run_generation if args.generate else run_reconstruction)
+               else save_reference if args.save_reference else run_generation if args.generate
+               else run_reconstruction)
     try:
         summary = command(args)
     except (dataset.DataError, PredictError, runs.RunError, codec.CodecError) as err:
@@ -791,6 +890,9 @@ def main(argv=None):
     elif args.decompress:
         print(f"decompressed {summary['n_slices']} slices into {summary['out']} in {summary['seconds']:.1f} s; "
               "code checksum ok")
+    elif args.save_reference:
+        print(f"wrote the reference statistics of {summary['n_reference']} real slices to "
+              f"{summary['reference_statistics']} ({summary['bytes']:,} bytes) in {summary['seconds']:.1f} s")
     elif args.generate:
         line = (f"generated {summary['n_generated']} slices in {summary['sampling_seconds']:.1f} s of sampling "
                 f"({summary['samples_per_s']:.2f} samples/s) into {summary['out']}")
@@ -807,9 +909,10 @@ def main(argv=None):
                   f"recall {quality['recall']:.3f}, density {quality['density']:.3f}, coverage "
                   f"{quality['coverage']:.3f}, MS-SSIM diversity {quality['msssim_diversity']:.3f} (real "
                   f"{quality['msssim_diversity_real']:.3f}), texture FD {quality['texture_fd']:.2f} (floor "
-                  f"{quality['texture_fd_floor']:.2f}), two-sample test accuracy {quality['c2st_accuracy']:.2f} "
-                  f"against real, {quality['c2st_recon_accuracy']:.2f} against reconstructions (0.5 = "
-                  "indistinguishable)")
+                  f"{quality['texture_fd_floor']:.2f}), " + (
+                      f"two-sample test accuracy {quality['c2st_accuracy']:.2f} against real, "
+                      f"{quality['c2st_recon_accuracy']:.2f} against reconstructions (0.5 = indistinguishable)"
+                      if quality["c2st_accuracy"] is not None else "no two-sample tests (no real slices at hand)"))
             shares = ", ".join(f"{name} {quality[f'tissue_{name}_mean']:.3f} (real "
                                f"{quality[f'tissue_{name}_mean_real']:.3f})" for name in metrics.TISSUE_FEATURES)
             print(f"tissue composition: {shares}; the worst feature is {quality['tissue_worst_ratio']:.2f}x the "

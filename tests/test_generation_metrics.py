@@ -316,6 +316,50 @@ def test_every_set_is_scored_as_8_bit_images_so_a_real_set_scores_the_floor_exac
     assert saved == as_floor
 
 
+def phantom_slices(subjects, size=64):
+    return (np.stack([phantoms.phantom_slice(s, 14, size=size) for s in subjects])[..., None] / 255.0
+            ).astype(np.float32)
+
+
+def test_saved_reference_statistics_score_samples_as_the_real_images_they_came_from(tmp_path):
+    # What a shipped model scores its samples with, where its data are not: features, fits and the evaluation
+    # network, saved and loaded, must give every metric sample_quality gives on the images themselves.
+    reference, train, samples = phantom_slices(range(10)), phantom_slices(range(20, 30)), phantom_slices(range(40, 50))
+    samples = blur(samples, 1.0)
+    network = metrics.evaluation_network(seed=3)
+    direct = metrics.sample_quality(samples, reference, train, network, seed=0, c2st_epochs=1, log=lambda *_: None)
+    statistics = metrics.reference_statistics(reference, train, network)
+    path = metrics.save_reference(tmp_path / "reference.npz", statistics, network, description="ten phantoms")
+    loaded, loaded_network = metrics.load_reference(path)
+    assert loaded["description"] == "ten phantoms" and loaded_network is not network
+    packed = metrics.score_samples(samples, loaded, loaded_network, seed=0)
+    assert packed == {key: value for key, value in direct.items() if not key.startswith("c2st")}
+    as_floor = metrics.score_samples(train, loaded, loaded_network, seed=0)  # the floor's own slices score it
+    assert as_floor["fd"] == packed["fd_floor"] > 0 and as_floor["texture_fd"] == packed["texture_fd_floor"] > 0
+    # Fewer samples than reference rows: both cut to the smaller count.
+    assert metrics.score_samples(samples[:7], loaded, loaded_network)["n_reference"] == 7
+    # Another reference under the same fits: its own images give back its own rows.
+    again = metrics.with_reference(loaded, reference, loaded_network)
+    for key in ("features", "texture", "tissue"):
+        np.testing.assert_array_equal(again[key], loaded[key])
+    assert again["msssim_diversity_real"] == loaded["msssim_diversity_real"]
+    with pytest.raises(ValueError, match="the reference statistics are of 64 px slices; the samples are 32 px"):
+        metrics.score_samples(samples[:, :32, :32], loaded, loaded_network)
+
+
+def test_a_damaged_reference_statistics_file_is_one_error_naming_it(tmp_path):
+    network = metrics.evaluation_network()
+    statistics = metrics.reference_statistics(phantom_slices(range(8)), phantom_slices(range(10, 18)), network)
+    path = metrics.save_reference(tmp_path / "reference.npz", statistics, network)
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left beside it
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"reference\.npz is not a readable reference-statistics file.*--save-reference"):
+        metrics.load_reference(path)
+    metrics.save_reference(path, {k: v for k, v in statistics.items() if k != "tissue"}, network)
+    with pytest.raises(ValueError, match="lacks tissue"):
+        metrics.load_reference(path)
+
+
 def test_nearest_distances_equal_brute_force():
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=(7, 5)), rng.normal(size=(600, 5))

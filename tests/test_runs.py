@@ -12,7 +12,6 @@ import functools
 import io
 import json
 import shutil
-import sys
 import zipfile
 
 import h5py
@@ -318,9 +317,6 @@ def test_predict_spreads_a_batch_over_replicas_with_the_same_results(run_with_pr
     assert diff["codes"] == 0 and max(diff.values()) < 1e-4, diff
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
 
 def test_generation_scores_sample_quality_against_the_test_split_or_a_reference_folder(run_with_prior, tmp_path,
                                                                                        monkeypatch):
@@ -350,3 +346,49 @@ def test_generation_scores_sample_quality_against_the_test_split_or_a_reference_
     assert "--reference-data" in line and "nowhere" in line
     done = command(predict, *args, "--no-quality", "--out", tmp_path / "gen3")
     assert done.returncode == 0 and "quality" not in last_json(done.stdout)
+
+
+def test_a_run_scores_its_samples_with_its_saved_reference_statistics_where_its_data_are_gone(
+        run_with_prior, tiny_data, tmp_path, monkeypatch):
+    import metrics
+
+    monkeypatch.setattr(metrics, "EVAL_STEPS", 3)  # the evaluation network's training, shortened for the test
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(run_with_prior, run)
+    shutil.copytree(tiny_data, data)
+    record = json.loads((run / "vqvae_config.json").read_text())
+    record["data"]["data"] = str(data)  # the run's data, at a place this test can remove
+    (run / "vqvae_config.json").write_text(json.dumps(record))
+    done = command(predict, "--run", run, "--save-reference", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = last_json(done.stdout)
+    assert saved["n_reference"] == 16 and (run / "reference_statistics.npz").stat().st_size == saved["bytes"]
+    assert "wrote the reference statistics of 16 real slices" in done.stdout
+    generate = ["--run", run, "--generate", "8", "--no-xla", "--json"]
+    done = command(predict, *generate, "--out", tmp_path / "with-data")
+    assert done.returncode == 0, done.stderr[-3000:]
+    with_data = last_json(done.stdout)
+    assert "nearest_train_ssim_mean" in with_data and with_data["quality"]["c2st_accuracy"] is None
+    assert "no two-sample tests" in done.stdout and "--reference-data" in with_data["quality"]["note"]
+    shutil.rmtree(data)
+    done = command(predict, *generate, "--out", tmp_path / "without-data")
+    assert done.returncode == 0, done.stderr[-3000:]
+    without = last_json(done.stdout)
+    assert "memorisation check is skipped" in done.stdout and "nearest_train_ssim_mean" not in without
+    assert without["quality"] == with_data["quality"]  # the same samples, the same statistics, no data needed
+    assert np.isfinite([without["quality"][k] for k in ("fd", "fd_floor", "precision", "tissue_worst_ratio")]).all()
+    # Any folder of real slices as the reference, with the saved training rows as the floor: two-sample tests too.
+    folder = tmp_path / "reference"
+    for i in range(7):
+        write_image(folder / f"real_{i}.png", brain_like((40, 40), seed=50 + i))
+    done = command(predict, *generate, "--out", tmp_path / "folder", "--reference-data", folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    quality = last_json(done.stdout)["quality"]
+    assert quality["n_reference"] == 7 and 0 <= quality["c2st_accuracy"] <= 1 and 0 <= quality["c2st_recon_accuracy"] <= 1
+    # A damaged file is one line naming it; without it (and without the data) the run says where its data went.
+    pack = run / "reference_statistics.npz"
+    pack.write_bytes(pack.read_bytes()[:2000])
+    line = one_error_line(command(predict, *generate))
+    assert "reference_statistics.npz is not a readable reference-statistics file" in line and "--save-reference" in line
+    pack.unlink()
+    assert "which is gone" in one_error_line(command(predict, *generate))
