@@ -106,6 +106,7 @@ class PriorConfig:
         condition: `slice`, `label`, `both`, `none`, or `auto`: whatever the
             data carry (slice positions in OASIS names, class sub-folders).
         position: a learnt row/column embedding (where in the slice a code is).
+        dropout: dropout rate on each gated layer's output in training (0: none).
     """
 
     filters: int = 64
@@ -114,6 +115,7 @@ class PriorConfig:
     skip_filters: int = 128
     condition: str = "auto"
     position: bool = True
+    dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,7 @@ def validate(cfg):
          "filters", p.filters),
         (p.kernel_size >= 3 and p.kernel_size % 2 == 1, "prior.kernel_size must be odd and at least 3",
          "kernel_size", p.kernel_size),
+        (0.0 <= p.dropout < 1.0, "prior.dropout must be in [0, 1)", "dropout", p.dropout),
     ]
     for section in ("vqvae_train", "prior_train"):
         t = getattr(cfg, section)

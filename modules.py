@@ -683,6 +683,11 @@ class GatedPixelCNN(keras.Model):
         num_classes: class labels to condition on; 0 for none.
         grid_size: (H, W) of the code grid for the position embedding, or
             None for none; inputs must then have exactly this grid.
+        dropout: in training, the rate at which each gated layer's
+            horizontal output is dropped (before its skip and residual
+            paths; 0: none). The masks are stateless, seeded by the layer
+            and the optimizer's step, so a resumed run draws the masks an
+            uninterrupted one did. Sampling never drops.
 
     Inputs:
         A dict {"codes": int (B, H, W), "slice": int (B,), "label": int (B,)}
@@ -703,8 +708,10 @@ class GatedPixelCNN(keras.Model):
     """
 
     def __init__(self, num_codes=512, filters=64, layers=8, kernel_size=5, skip_filters=128, num_slices=0,
-                 num_classes=0, grid_size=None, **kwargs):
+                 num_classes=0, grid_size=None, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1). Received: dropout={dropout}")
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and at least 3. Received: kernel_size={kernel_size}")
         if layers < 1:
@@ -715,6 +722,7 @@ class GatedPixelCNN(keras.Model):
         self.kernel_size, self.skip_filters = kernel_size, skip_filters
         self.num_slices, self.num_classes = num_slices, num_classes
         self.grid_size = None if grid_size is None else tuple(int(n) for n in grid_size)
+        self.dropout = float(dropout)
         self.conditional = bool(num_slices or num_classes)
         half = kernel_size // 2 + 1
         conv = keras.layers.Conv2D
@@ -838,13 +846,28 @@ class GatedPixelCNN(keras.Model):
         x = x if cond is None else x + cond
         return x if pos is None else x + pos
 
-    def _horizontal_out(self, index, h_pre, h):
+    def _drop(self, x, index):
+        """`x` with a share `dropout` of its values zeroed (the rest scaled up): training only.
+
+        The mask is drawn statelessly from (layer, optimizer step): Keras's
+        `Dropout` keeps its random state in a seed variable that
+        `save_weights` leaves out, so a resumed run would draw other masks.
+        """
+        step = self.optimizer.iterations if self.optimizer is not None else 0
+        seed = tf.stack([tf.constant(index, tf.int64), tf.cast(step, tf.int64)])
+        keep = tf.random.stateless_uniform(tf.shape(x), seed) >= self.dropout
+        return ops.where(keep, x / (1.0 - self.dropout), ops.zeros_like(x))
+
+    def _horizontal_out(self, index, h_pre, h, training=False):
         """Gates horizontal layer `index`: (its skip output, the next layer's horizontal input or None).
 
         `h` is the layer's horizontal input at the same positions (residual
-        after the first layer).
+        after the first layer). In training, the gated output is dropped
+        out (`dropout`).
         """
         gated = _gate(h_pre)
+        if training and self.dropout:
+            gated = self._drop(gated, index)
         skip = self.skips[index](gated)
         if index == self.num_layers - 1:  # the last layer's horizontal output would feed nothing
             return skip, None
@@ -854,7 +877,7 @@ class GatedPixelCNN(keras.Model):
         # Logits in float32 under mixed precision too: the loss and sampling need them exact.
         return ops.cast(self.head[1](ops.relu(self.head[0](ops.relu(skip)))), "float32")
 
-    def call(self, inputs):
+    def call(self, inputs, training=False):
         codes, slices, labels = self._unpack(inputs)
         self._check_grid(*tuple(codes.shape[1:3]), f"codes of shape {tuple(codes.shape)}")
         biases = self._biases(self.condition(slices, labels), self.position())
@@ -869,7 +892,7 @@ class GatedPixelCNN(keras.Model):
             h_pre = self._add_biases(h_pre, terms.get("cond_h"), terms.get("pos_h"))
             h_pre = h_pre + self.v_to_h[i](_shift_down(v_pre))
             v = _gate(v_pre)
-            skip_i, h = self._horizontal_out(i, h_pre, h)
+            skip_i, h = self._horizontal_out(i, h_pre, h, training=training)
             skip = skip + skip_i
         return self._logits(skip)
 
@@ -1000,7 +1023,7 @@ class GatedPixelCNN(keras.Model):
         return {**super().get_config(), "num_codes": self.num_codes, "filters": self.filters,
                 "layers": self.num_layers, "kernel_size": self.kernel_size, "skip_filters": self.skip_filters,
                 "num_slices": self.num_slices, "num_classes": self.num_classes,
-                "grid_size": None if self.grid_size is None else list(self.grid_size)}
+                "grid_size": None if self.grid_size is None else list(self.grid_size), "dropout": self.dropout}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -250,8 +250,9 @@ def train_vqvae(cfg, options=None, log=print):
     options = options or default_options()
     start = time.perf_counter()
     folder = options.run or new_run_dir("vqvae")
-    if runs.Run(folder).interrupted("vqvae") and not options.overwrite:  # its batch is the one to place
-        cfg = runs.Run(folder).settings("vqvae")
+    existing = runs.Run(folder)
+    if existing.interrupted("vqvae") and not options.overwrite:  # its batch is the one to place
+        cfg = existing.settings("vqvae")
     t = cfg.vqvae_train
     strategy, chief, task_id, policy = devices.setup(options.strategy, options.cpu_replicas, t.batch_size,
                                                      bool(options.run), options.mixed_precision)
@@ -417,7 +418,8 @@ def train_pixelcnn(run_path=None, changes=(), flags=None, options=None, log=prin
         p = cfg.prior
         hyper = {"num_codes": vqvae.num_codes, "filters": p.filters, "layers": p.layers,
                  "kernel_size": p.kernel_size, "skip_filters": p.skip_filters, "num_slices": num_slices,
-                 "num_classes": num_classes, "grid_size": list(grid_shape) if p.position else None}
+                 "num_classes": num_classes, "grid_size": list(grid_shape) if p.position else None,
+                 "dropout": p.dropout}
         run.save_config("pixelcnn", {
             "model": "pixelcnn", **config.to_record(cfg), "pixelcnn": hyper, "grid": list(grid_shape),
             "class_names": source.class_names, "counts": {name: len(c) for name, c in codes.items()},

@@ -12,10 +12,11 @@ import modules
 H, W, K = 6, 7, 12
 
 
-def random_prior(num_slices=0, layers=3, seed=0, positional=False):
+def random_prior(num_slices=0, layers=3, seed=0, positional=False, dropout=0.0):
     keras.utils.set_random_seed(seed)
     prior = modules.GatedPixelCNN(num_codes=K, filters=8, layers=layers, kernel_size=5, skip_filters=16,
-                                  num_slices=num_slices, grid_size=(H, W) if positional else None)
+                                  num_slices=num_slices, grid_size=(H, W) if positional else None,
+                                  dropout=dropout)
     prior(tf.zeros((1, H, W), tf.int32))
     rng = np.random.default_rng(seed)
     for weight in prior.weights:  # biases too, so no unit is silent
@@ -131,7 +132,7 @@ def test_position_embedding_reaches_its_own_row_and_not_the_rows_above():
 
 
 def test_shapes_and_save_load_round_trip(tmp_path):
-    prior = random_prior(num_slices=4, positional=True)
+    prior = random_prior(num_slices=4, positional=True, dropout=0.1)
     inputs = {"codes": np.zeros((2, H, W), np.int32), "slice": np.array([1, 2], np.int32),
               "label": np.array([-1, -1], np.int32)}
     logits = prior(inputs).numpy()
@@ -160,6 +161,32 @@ def test_bad_prior_arguments_say_what_was_received():
         modules.GatedPixelCNN(layers=0)
     with pytest.raises(ValueError, match=r"Received: grid_size=\(4,\)"):
         modules.GatedPixelCNN(grid_size=(4,))
+    with pytest.raises(ValueError, match=r"Received: dropout=1.0"):
+        modules.GatedPixelCNN(dropout=1.0)
+
+
+def test_dropout_acts_in_training_only_keeps_causality_and_draws_its_masks_from_the_step():
+    prior, plain = random_prior(dropout=0.5), random_prior()
+    codes = np.random.default_rng(2).integers(0, K, (2, H, W)).astype(np.int32)
+    np.testing.assert_array_equal(prior(codes).numpy(), plain(codes).numpy())  # inference: no dropout
+    prior.compile(optimizer=keras.optimizers.Adam())
+    prior.optimizer.build(prior.trainable_variables)
+    first = prior(codes, training=True).numpy()
+    assert np.abs(first - plain(codes).numpy()).max() > 1e-3
+    np.testing.assert_array_equal(prior(codes, training=True).numpy(), first)  # one step, one mask
+    # A model resumed at the same optimizer step (its weights and counter loaded) draws the same masks.
+    twin = random_prior(dropout=0.5)
+    twin.compile(optimizer=keras.optimizers.Adam())
+    twin.optimizer.build(twin.trainable_variables)
+    np.testing.assert_array_equal(twin(codes, training=True).numpy(), first)
+    prior.optimizer.iterations.assign(7)
+    assert np.abs(prior(codes, training=True).numpy() - first).max() > 1e-3
+    # Causality in training too: a code never reaches the logits at or before its own position.
+    for q in range(H * W):
+        changed = codes.copy()
+        changed[:, q // W, q % W] = (changed[:, q // W, q % W] + 1) % K
+        diff = np.abs(prior(changed, training=True).numpy() - prior(codes, training=True).numpy())
+        assert diff.max(axis=(0, -1)).reshape(-1)[: q + 1].max() < 1e-5, q
 
 
 def test_init_from_codebook_gives_similar_codes_similar_embeddings():

@@ -228,7 +228,8 @@ def test_presets_round_trip_and_set_changes_one_field_with_a_clear_error_otherwi
     assert cfg.vqvae.decoder_channels is None and cfg.vqvae.normalize_codes is False
     assert config.override(cfg, ["epochs=7"], model="pixelcnn").prior_train.epochs == 7
     for items, message in ((["bogus=1"], "unknown key"), (["num_codes=many"], "is not a"), (["num_codes"], "key=value"),
-                           (["vqvae_train.crop=30"], None), (["loss=l2"], "must be one of")):
+                           (["vqvae_train.crop=30"], None), (["loss=l2"], "must be one of"),
+                           (["dropout=1"], "prior.dropout must be in")):
         with pytest.raises(config.ConfigError, match=message or "multiple of vqvae.downsample"):
             config.validate(config.override(config.preset("oasis-256"), items))
 
